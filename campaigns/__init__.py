@@ -1,0 +1,1 @@
+"""Campaigns: one long training run of one hero, fed job after job."""

@@ -1,0 +1,153 @@
+"""Campaign records on disk: ``$GUILD_HOME/campaigns/<hero>/<name>/campaign.json``.
+
+Beside it live the campaign's checkpoints (``checkpoints/<job>/step-N``). Every read-modify-write of
+``campaign.json`` holds an exclusive ``flock`` and replaces the file atomically (temp file + rename), so
+concurrent enqueues and a finishing job never lose each other's changes, also on shared storage.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import json
+import os
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from campaigns.errors import CampaignError, UnknownCampaign
+from jobs.job import utc_now
+
+NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+def check_name(name: str) -> str:
+    """Return ``name`` when it is a valid campaign name, else raise CampaignError saying what is allowed."""
+    if not isinstance(name, str) or not NAME_RE.match(name):
+        raise CampaignError(f"campaign name {name!r} is not valid: use 1-64 letters, digits, '-' or '_'")
+    return name
+
+
+def default_campaign_name(hero_id: str) -> str:
+    """The campaign a job joins when it names none: ``main-<hero>``."""
+    return "main-" + re.sub(r"[^A-Za-z0-9_-]", "_", hero_id)
+
+
+@dataclass
+class Campaign:
+    """One long training run of one hero."""
+
+    id: str
+    hero_id: str
+    created_at: str = field(default_factory=utc_now)
+    status: str = "active"
+    code_version: str | None = None
+    config_hash: str | None = None
+    config_overrides: dict[str, Any] = field(default_factory=dict)
+    locked: dict[str, Any] = field(default_factory=dict)
+    current_step: int = 0
+    latest_checkpoint: str | None = None
+    job_ids: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Campaign":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+class CampaignStore:
+    """Campaigns under ``$GUILD_HOME/campaigns``."""
+
+    def __init__(self, guild_home: Path):
+        self.root = Path(guild_home) / "campaigns"
+
+    def directory(self, hero_id: str, name: str) -> Path:
+        check_name(name)
+        path = (self.root / hero_id / name).resolve()
+        if self.root.resolve() not in path.parents:
+            raise CampaignError(f"campaign {name!r} of hero {hero_id!r} would live outside {self.root}")
+        return path
+
+    def checkpoint_root(self, campaign: Campaign) -> Path:
+        return self.directory(campaign.hero_id, campaign.id) / "checkpoints"
+
+    def find_dir(self, name: str) -> Path | None:
+        check_name(name)
+        matches = sorted(self.root.glob(f"*/{name}/campaign.json")) if self.root.exists() else []
+        return matches[0].parent if matches else None
+
+    def exists(self, name: str) -> bool:
+        return self.find_dir(name) is not None
+
+    def get(self, name: str) -> Campaign:
+        path = self.find_dir(name)
+        if path is None:
+            raise UnknownCampaign(f"no campaign named {name!r}; create it with "
+                                  f"`python -m campaigns create {name} --hero HERO` (python -m campaigns list)")
+        return self._read(path / "campaign.json")
+
+    def _read(self, path: Path) -> Campaign:
+        try:
+            return Campaign.from_dict(json.loads(path.read_text(encoding="utf-8")))
+        except (OSError, ValueError, TypeError) as exc:
+            raise CampaignError(f"{path}: unreadable campaign record ({exc}); restore it from a backup") from None
+
+    def list(self) -> list[Campaign]:
+        if not self.root.exists():
+            return []
+        return [self._read(p) for p in sorted(self.root.glob("*/*/campaign.json"))]
+
+    def create(self, campaign: Campaign) -> Campaign:
+        """Write a new campaign. Raises CampaignError when the name is taken (by any hero)."""
+        existing = self.find_dir(campaign.id)
+        if existing is not None:
+            raise CampaignError(f"campaign {campaign.id!r} already exists ({existing}); pick another name")
+        directory = self.directory(campaign.hero_id, campaign.id)
+        directory.mkdir(parents=True, exist_ok=True)
+        with self._locked(directory):
+            if (directory / "campaign.json").exists():
+                raise CampaignError(f"campaign {campaign.id!r} already exists ({directory})")
+            self._write(directory / "campaign.json", campaign)
+        return campaign
+
+    @contextlib.contextmanager
+    def edit(self, name: str) -> Iterator[Campaign]:
+        """Read, let the caller change, and atomically write back one campaign, under an exclusive lock."""
+        directory = self.find_dir(name)
+        if directory is None:
+            raise UnknownCampaign(f"no campaign named {name!r}")
+        with self._locked(directory):
+            campaign = self._read(directory / "campaign.json")
+            yield campaign
+            self._write(directory / "campaign.json", campaign)
+
+    @contextlib.contextmanager
+    def _locked(self, directory: Path) -> Iterator[None]:
+        fd = os.open(directory / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+
+    @staticmethod
+    def _write(path: Path, campaign: Campaign) -> None:
+        fd, tmp = tempfile.mkstemp(prefix=".campaign-", suffix=".json", dir=path.parent)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(campaign.to_dict(), f, indent=2, sort_keys=True)
+                f.write("\n")
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise

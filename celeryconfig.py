@@ -1,0 +1,42 @@
+"""Celery configuration for Guild (``app.config_from_object("celeryconfig")``).
+
+Long training jobs on GPU-pinned workers: late acks, one message reserved at a time, strict queue order.
+"""
+
+from config.settings import get_settings
+from jobs.keys import DEFAULT_VISIBILITY_TIMEOUT_S, PRIORITIES
+
+_settings = get_settings()
+_visibility = _settings.visibility_timeout_s or DEFAULT_VISIBILITY_TIMEOUT_S
+
+broker_url = _settings.redis_url
+result_backend = _settings.redis_url
+broker_connection_retry_on_startup = True
+broker_connection_max_retries = None  # a worker outlives a Redis restart and reconnects
+
+# Strict priority: the Redis transport polls the queues in the order the worker lists them (-Q high,normal,low)
+# instead of round-robin, and a worker reserves one message at a time, acked only when the job ends.
+broker_transport_options = {"queue_order_strategy": "priority", "visibility_timeout": _visibility}
+result_backend_transport_options = {"visibility_timeout": _visibility}
+task_acks_late = True
+task_reject_on_worker_lost = True
+worker_prefetch_multiplier = 1
+worker_concurrency = 1  # one job per GPU; run one worker per GPU
+task_queues_names = PRIORITIES
+task_default_queue = "normal"
+task_create_missing_queues = True
+
+# JSON only: a pickled message is refused by the worker, never executed.
+task_serializer = "json"
+result_serializer = "json"
+accept_content = ["json"]
+result_accept_content = ["json"]
+event_serializer = "json"
+
+# Flower builds its live view from task events.
+worker_send_task_events = True
+task_send_sent_event = True
+task_track_started = True
+result_expires = 7 * 24 * 3600
+worker_hijack_root_logger = False
+worker_redirect_stdouts = False

@@ -1,0 +1,186 @@
+"""The typed trainer configuration: :class:`TrainerConfig` and its groups.
+
+Every field has a type and a default; :func:`field_specs` lists them as dotted names
+(``hyperparams.learning_rate``), which is how layers, ``--set`` and ``explain`` name them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any, get_type_hints
+
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+@dataclass(frozen=True)
+class Hyperparams:
+    """Optimisation hyperparameters. Steps are optimizer steps, counted across a whole campaign."""
+
+    batch_size: int = 4  # rows per micro-batch (packed rows of max_length tokens when packing is on)
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 1e-3
+    lr_scheduler: str = "constant_with_warmup"
+    warmup_steps: int = 10  # global steps: a campaign warms up once, not once per job
+    decay_steps: int = 0  # for linear/cosine: the campaign step at which the LR reaches 0 (0: no decay)
+    epochs: float = 1.0
+    max_steps: int = 0  # steps per job; 0 means "as many as epochs need"
+    max_length: int = 512
+    precision: str = "auto"  # auto: bf16 on a GPU that supports it, fp32 on the CPU
+    gradient_checkpointing: bool = False
+    max_grad_norm: float = 1.0
+    save_steps: int = 50
+    save_total_limit: int = 2
+    eval_fraction: float = 0.05
+    eval_max_examples: int = 200
+    eval_steps: int = 0  # 0: validate only at the end of each job
+    seed: int = 42
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """How examples become batches."""
+
+    enable_packing: bool = True
+    shuffle: bool = True
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    """AdamW settings."""
+
+    name: str = "adamw"
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+
+
+@dataclass(frozen=True)
+class QueueConfig:
+    """How the queue treats a job."""
+
+    max_attempts: int = 3
+    preempt_low: bool = False
+
+
+@dataclass(frozen=True)
+class TrainerConfig:
+    """The whole resolved configuration of one job."""
+
+    hyperparams: Hyperparams = field(default_factory=Hyperparams)
+    data: DataConfig = field(default_factory=DataConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    queue: QueueConfig = field(default_factory=QueueConfig)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return dataclasses.asdict(self)
+
+    def flat(self) -> dict[str, Any]:
+        """``{"hyperparams.learning_rate": 0.001, ...}``."""
+        return {f"{g}.{k}": v for g, values in self.to_dict().items() for k, v in values.items()}
+
+    @classmethod
+    def from_flat(cls, values: dict[str, Any]) -> "TrainerConfig":
+        """Build from dotted names; values must already have their schema types (see :func:`coerce`)."""
+        groups: dict[str, dict[str, Any]] = {}
+        for dotted, value in values.items():
+            group, name = dotted.split(".", 1)
+            groups.setdefault(group, {})[name] = value
+        kwargs = {}
+        for f in dataclasses.fields(cls):
+            kwargs[f.name] = f.default_factory(**groups.get(f.name, {}))  # type: ignore[misc]
+        return cls(**kwargs)
+
+    def config_hash(self) -> str:
+        """``sha256:`` + 16 hex digits of the canonical JSON of the resolved config."""
+        canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return "sha256:" + hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class FieldSpec:
+    dotted: str
+    type: type
+    default: Any
+
+
+def field_specs() -> dict[str, FieldSpec]:
+    """Every config field by dotted name, with its type and default."""
+    specs: dict[str, FieldSpec] = {}
+    for group in dataclasses.fields(TrainerConfig):
+        group_cls = group.default_factory  # type: ignore[attr-defined]
+        hints = get_type_hints(group_cls)
+        for f in dataclasses.fields(group_cls):
+            dotted = f"{group.name}.{f.name}"
+            specs[dotted] = FieldSpec(dotted, hints[f.name], f.default)
+    return specs
+
+
+_CHOICES = {"hyperparams.lr_scheduler": LR_SCHEDULERS, "hyperparams.precision": PRECISIONS, "optimizer.name": ("adamw",)}
+_POSITIVE = {"hyperparams.batch_size", "hyperparams.gradient_accumulation_steps", "hyperparams.max_length",
+             "hyperparams.save_steps", "hyperparams.save_total_limit", "queue.max_attempts"}
+_NON_NEGATIVE = {"hyperparams.warmup_steps", "hyperparams.decay_steps", "hyperparams.max_steps",
+                 "hyperparams.eval_steps", "hyperparams.eval_max_examples", "hyperparams.learning_rate",
+                 "hyperparams.epochs", "hyperparams.max_grad_norm", "optimizer.weight_decay", "hyperparams.seed"}
+
+
+def coerce(spec: FieldSpec, value: Any, from_text: bool) -> Any:
+    """Return ``value`` as ``spec.type`` or raise ValueError saying what was expected.
+
+    Args:
+        from_text: the value came from a ``--set KEY=VALUE`` string, so "1e-5" or "true" are parsed.
+    """
+    t = spec.type
+    if from_text and isinstance(value, str):
+        text = value.strip()
+        if t is bool:
+            if text.lower() in ("1", "true", "yes", "on"):
+                return True
+            if text.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(f"expected true or false, got {value!r}")
+        if t is int:
+            try:
+                return int(text)
+            except ValueError:
+                raise ValueError(f"expected a whole number, got {value!r}") from None
+        if t is float:
+            try:
+                return float(text)
+            except ValueError:
+                raise ValueError(f"expected a number, got {value!r}") from None
+        return text
+    if t is bool:
+        if isinstance(value, bool):
+            return value
+        raise ValueError(f"expected true or false, got {value!r}")
+    if t is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ValueError(f"expected a whole number, got {value!r}")
+    if t is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ValueError(f"expected a number, got {value!r}")
+    if t is str:
+        if isinstance(value, str):
+            return value
+        raise ValueError(f"expected a string, got {value!r}")
+    raise ValueError(f"unsupported type {t!r}")  # pragma: no cover - schema bug
+
+
+def check_range(dotted: str, value: Any) -> str | None:
+    """A problem text when ``value`` is outside what ``dotted`` allows, else None."""
+    if dotted in _CHOICES and value not in _CHOICES[dotted]:
+        return f"must be one of {', '.join(_CHOICES[dotted])}, got {value!r}"
+    if dotted in _POSITIVE and value <= 0:
+        return f"must be positive, got {value!r}"
+    if dotted in _NON_NEGATIVE and value < 0:
+        return f"must not be negative, got {value!r}"
+    if dotted == "hyperparams.eval_fraction" and not 0 <= value < 1:
+        return f"must be in [0, 1), got {value!r}"
+    return None

@@ -1,0 +1,101 @@
+"""The one place that reads the process environment.
+
+Every other module receives a :class:`Settings` (or values taken from it); none reads ``os.environ``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from config.errors import SettingsError
+
+DEFAULT_GUILD_HOME = "./var"
+DEFAULT_EMBEDDED_REDIS_PORT = 6390
+
+
+def _flag(value: str | None, name: str) -> bool | None:
+    if value is None or value == "":
+        return None
+    lowered = value.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise SettingsError(f"{name}={value!r} is not a boolean; use 1 or 0")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Process-wide settings, read from the environment once.
+
+    Attributes:
+        guild_home: root of datasets, campaigns, checkpoints, logs and the embedded Redis' data.
+        redis_url: broker, result backend and job store. When ``REDIS_URL`` is unset, the embedded Redis
+            that ``make up`` starts (its URL is written to ``$GUILD_HOME/redis/url``).
+        enable_packing: ``ENABLE_PACKING`` as a debugging override of ``data.enable_packing`` (None: unset).
+        flower_basic_auth: ``FLOWER_BASIC_AUTH`` (``user:password``) or None.
+        verbose: ``GUILD_VERBOSE=1`` makes the engine log every step.
+        cuda_visible_devices: the GPU a worker is pinned to (informational; CUDA reads it itself).
+    """
+
+    guild_home: Path
+    redis_url: str
+    enable_packing: bool | None = None
+    flower_basic_auth: str | None = None
+    verbose: bool = False
+    cuda_visible_devices: str | None = None
+    visibility_timeout_s: int | None = None
+
+    @classmethod
+    def from_env(cls, environ: dict | None = None) -> "Settings":
+        env = os.environ if environ is None else environ
+        home = Path(env.get("GUILD_HOME") or DEFAULT_GUILD_HOME).expanduser().resolve()
+        redis_url = env.get("REDIS_URL") or embedded_redis_url(home)
+        vt = env.get("GUILD_VISIBILITY_TIMEOUT_S")
+        if vt is not None and vt != "":
+            try:
+                vt_int = int(vt)
+            except ValueError:
+                raise SettingsError(f"GUILD_VISIBILITY_TIMEOUT_S={vt!r} is not a whole number of seconds") from None
+            if vt_int <= 0:
+                raise SettingsError("GUILD_VISIBILITY_TIMEOUT_S must be positive")
+        else:
+            vt_int = None
+        return cls(
+            guild_home=home,
+            redis_url=redis_url,
+            enable_packing=_flag(env.get("ENABLE_PACKING"), "ENABLE_PACKING"),
+            flower_basic_auth=env.get("FLOWER_BASIC_AUTH") or None,
+            verbose=bool(_flag(env.get("GUILD_VERBOSE"), "GUILD_VERBOSE")),
+            cuda_visible_devices=env.get("CUDA_VISIBLE_DEVICES"),
+            visibility_timeout_s=vt_int,
+        )
+
+
+def embedded_redis_url(home: Path) -> str:
+    """The URL of the embedded Redis under ``home``: the one ``make up`` recorded, else its default port."""
+    recorded = home / "redis" / "url"
+    try:
+        text = recorded.read_text().strip()
+    except OSError:
+        text = ""
+    return text or f"redis://127.0.0.1:{DEFAULT_EMBEDDED_REDIS_PORT}/0"
+
+
+_cached: Settings | None = None
+
+
+def get_settings() -> Settings:
+    """The settings of this process (read once, then cached)."""
+    global _cached
+    if _cached is None:
+        _cached = Settings.from_env()
+    return _cached
+
+
+def reset_settings_cache() -> None:
+    """Forget the cached settings (tests change the environment between cases)."""
+    global _cached
+    _cached = None

@@ -1,0 +1,1 @@
+"""Jobs: the Job record, its state machine, and its store in Redis (the one source of truth)."""

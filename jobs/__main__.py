@@ -1,0 +1,94 @@
+"""``python -m jobs list|show|watch|cancel|retry``: look at and steer jobs."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from config.errors import GuildError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m jobs", description="Look at and steer Guild jobs.")
+    sub = p.add_subparsers(dest="command", required=True)
+    ls = sub.add_parser("list", help="list jobs, oldest first")
+    ls.add_argument("--status", choices=["queued", "processing", "completed", "failed", "skipped", "cancelled"])
+    ls.add_argument("--json", action="store_true")
+    show = sub.add_parser("show", help="one job's record")
+    show.add_argument("id")
+    show.add_argument("--json", action="store_true")
+    show.add_argument("--history", action="store_true", help="also print every transition")
+    watch = sub.add_parser("watch", help="a live progress bar until the job ends")
+    watch.add_argument("id")
+    watch.add_argument("--timeout", type=float, default=None, help="give up after this many seconds")
+    cancel = sub.add_parser("cancel", help="cancel a queued or running job")
+    cancel.add_argument("id")
+    retry = sub.add_parser("retry", help="queue a failed or cancelled job again (resumes from its checkpoint)")
+    retry.add_argument("id")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        import redis
+
+        from config.settings import get_settings
+        from jobs.store import JobStore
+
+        settings = get_settings()
+        store = JobStore(redis.Redis.from_url(settings.redis_url, socket_connect_timeout=5), settings.guild_home)
+        return _run(args, store)
+    except GuildError as exc:
+        for line in str(exc).splitlines():
+            print(f"error: {line}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # noqa: BLE001
+        from jobs.errors_text import describe_unexpected
+
+        print(f"error: {describe_unexpected(exc)}", file=sys.stderr)
+        return 1
+
+
+def _run(args, store) -> int:
+    from jobs.cli_format import job_table, job_view
+
+    if args.command == "list":
+        jobs = store.list(status=args.status)
+        print(json.dumps([j.to_dict() for j in jobs], indent=2) if args.json else job_table(jobs))
+        return 0
+    if args.command == "show":
+        job = store.get(args.id)
+        if args.json:
+            data = job.to_dict()
+            if args.history:
+                data["history"] = store.history(job.id)
+            print(json.dumps(data, indent=2))
+        else:
+            print(job_view(job))
+            if args.history:
+                for h in store.history(job.id):
+                    print(f"  {h['at']}  {h.get('from') or '-'} → {h['to']}  {h.get('reason', '')}")
+        return 0
+    if args.command == "watch":
+        from jobs.watch import watch_jobs
+
+        store.get(args.id)
+        return watch_jobs(store, [args.id], timeout_s=args.timeout)
+    if args.command in ("cancel", "retry"):
+        from jobs.control import cancel_job, retry_job
+
+        if args.command == "cancel":
+            print(cancel_job(store, args.id))
+        else:
+            from tasks.app import app
+            from tasks.publish import publish_job
+
+            print(retry_job(store, args.id, lambda jid, prio: publish_job(app, jid, prio)))
+        return 0
+    raise AssertionError(args.command)  # pragma: no cover
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,28 @@
+"""Redis key names and queue constants, defined once."""
+
+PREFIX = "guild:"
+PRIORITIES = ("high", "normal", "low")  # also the Celery queue names, consumed strictly in this order
+PRIORITY_RANK = {name: rank for rank, name in enumerate(PRIORITIES)}
+
+JOB = PREFIX + "job:{id}"                      # hash: one JSON-encoded value per Job field
+JOB_HISTORY = PREFIX + "job:{id}:history"      # list of JSON transition records
+JOBS_ALL = PREFIX + "jobs:all"                  # zset: id → created_at (epoch seconds)
+JOBS_BY_STATUS = PREFIX + "jobs:status:{status}"  # set of ids
+JOBS_QUEUED = PREFIX + "jobs:queued"            # zset: id → priority rank * 1e12 + sequence (the order workers take)
+JOB_SEQ = PREFIX + "jobs:seq"                   # counter: enqueue order
+DATASET_OWNER = PREFIX + "dataset:{sha}"        # set of job ids holding this content (duplicate detection)
+CAMPAIGN_LOCK = PREFIX + "campaign:{id}:lock"   # string: holder token, with a lease (PX)
+CAMPAIGN_PENDING = PREFIX + "campaign:{id}:pending"  # zset of queued/processing jobs of a campaign, queue order
+CONTROL_PAUSED = PREFIX + "control:paused"      # set of paused worker names ("*" for all)
+
+PRIORITY_SCORE_SCALE = 10**12
+
+DEFAULT_HEARTBEAT_S = 5.0
+DEFAULT_HEARTBEAT_STALE_S = 60.0
+DEFAULT_CAMPAIGN_LEASE_S = 60.0
+DEFAULT_VISIBILITY_TIMEOUT_S = 7 * 24 * 3600  # above the longest job a user may run
+DEFAULT_DEFER_DELAY_S = 1.0  # how long a job whose campaign is busy waits before going back to its queue
+
+
+def queue_score(priority: str, seq: int) -> float:
+    return PRIORITY_RANK[priority] * PRIORITY_SCORE_SCALE + seq
