@@ -14,9 +14,10 @@ import json
 import os
 import re
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from campaigns.errors import CampaignError, UnknownCampaign
 from jobs.job import utc_now
@@ -56,7 +57,7 @@ class Campaign:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "Campaign":
+    def from_dict(cls, data: dict[str, Any]) -> Campaign:
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in names})
 

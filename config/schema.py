@@ -84,7 +84,7 @@ class TrainerConfig:
         return {f"{g}.{k}": v for g, values in self.to_dict().items() for k, v in values.items()}
 
     @classmethod
-    def from_flat(cls, values: dict[str, Any]) -> "TrainerConfig":
+    def from_flat(cls, values: dict[str, Any]) -> TrainerConfig:
         """Build from dotted names; values must already have their schema types (see :func:`coerce`)."""
         groups: dict[str, dict[str, Any]] = {}
         for dotted, value in values.items():
@@ -120,7 +120,8 @@ def field_specs() -> dict[str, FieldSpec]:
     return specs
 
 
-_CHOICES = {"hyperparams.lr_scheduler": LR_SCHEDULERS, "hyperparams.precision": PRECISIONS, "optimizer.name": ("adamw",)}
+_CHOICES = {"hyperparams.lr_scheduler": LR_SCHEDULERS, "hyperparams.precision": PRECISIONS,
+            "optimizer.name": ("adamw",)}
 _POSITIVE = {"hyperparams.batch_size", "hyperparams.gradient_accumulation_steps", "hyperparams.max_length",
              "hyperparams.save_steps", "hyperparams.save_total_limit", "queue.max_attempts"}
 _NON_NEGATIVE = {"hyperparams.warmup_steps", "hyperparams.decay_steps", "hyperparams.max_steps",

@@ -47,9 +47,12 @@ class Settings:
     verbose: bool = False
     cuda_visible_devices: str | None = None
     visibility_timeout_s: int | None = None
+    flower_address: str | None = None
+    heartbeat_stale_s: float = 60.0
+    sweep_interval_s: float = 15.0
 
     @classmethod
-    def from_env(cls, environ: dict | None = None) -> "Settings":
+    def from_env(cls, environ: dict | None = None) -> Settings:
         env = os.environ if environ is None else environ
         home = Path(env.get("GUILD_HOME") or DEFAULT_GUILD_HOME).expanduser().resolve()
         redis_url = env.get("REDIS_URL") or embedded_redis_url(home)
@@ -64,14 +67,30 @@ class Settings:
         else:
             vt_int = None
         return cls(
+            heartbeat_stale_s=_seconds(env, "GUILD_HEARTBEAT_STALE_S", 60.0),
+            sweep_interval_s=_seconds(env, "GUILD_SWEEP_INTERVAL_S", 15.0),
             guild_home=home,
             redis_url=redis_url,
             enable_packing=_flag(env.get("ENABLE_PACKING"), "ENABLE_PACKING"),
             flower_basic_auth=env.get("FLOWER_BASIC_AUTH") or None,
+            flower_address=env.get("FLOWER_ADDRESS") or None,
             verbose=bool(_flag(env.get("GUILD_VERBOSE"), "GUILD_VERBOSE")),
             cuda_visible_devices=env.get("CUDA_VISIBLE_DEVICES"),
             visibility_timeout_s=vt_int,
         )
+
+
+def _seconds(env, name: str, default: float) -> float:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise SettingsError(f"{name}={raw!r} is not a number of seconds") from None
+    if value <= 0:
+        raise SettingsError(f"{name} must be positive")
+    return value
 
 
 def embedded_redis_url(home: Path) -> str:

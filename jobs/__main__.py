@@ -22,6 +22,10 @@ def build_parser() -> argparse.ArgumentParser:
     watch = sub.add_parser("watch", help="a live progress bar until the job ends")
     watch.add_argument("id")
     watch.add_argument("--timeout", type=float, default=None, help="give up after this many seconds")
+    plan = sub.add_parser("plan", help="the queue in the order workers will take it, with ETAs")
+    plan.add_argument("--json", action="store_true")
+    plan.add_argument("--workers", type=int, default=1, help="how many workers share the queue (for the ETA)")
+    plan.add_argument("--gpu", action="store_true", help="use the heroes' GPU throughput for ETAs")
     cancel = sub.add_parser("cancel", help="cancel a queued or running job")
     cancel.add_argument("id")
     retry = sub.add_parser("retry", help="queue a failed or cancelled job again (resumes from its checkpoint)")
@@ -76,6 +80,22 @@ def _run(args, store) -> int:
 
         store.get(args.id)
         return watch_jobs(store, [args.id], timeout_s=args.timeout)
+    if args.command == "plan":
+        from config.settings import get_settings
+        from jobs.plan import build_plan, hero_throughput
+
+        plan = build_plan(store, hero_throughput(get_settings().guild_home, args.gpu), args.workers)
+        if args.json:
+            print(json.dumps(plan, indent=2))
+        else:
+            print(f"{'#':>4}  {'ID':48} {'PRIO':7} {'EXAMPLES':>8} {'TOKENS':>10} {'ETA':>10}")
+            for n, j in enumerate(plan["jobs"], 1):
+                print(f"{n:>4}  {j['id'][:48]:48} {j['priority']:7} {j['num_examples']:>8} "
+                      f"{j['estimated_tokens']:>10} {j['eta_s']:>9.0f}s")
+            t = plan["totals"]
+            print(f"total: {t['jobs']} jobs, {t['num_examples']} examples, {t['estimated_tokens']} tokens, "
+                  f"done in about {t['eta_s']:.0f} s")
+        return 0
     if args.command in ("cancel", "retry"):
         from jobs.control import cancel_job, retry_job
 

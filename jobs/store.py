@@ -10,8 +10,9 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import redis
 
@@ -22,6 +23,7 @@ from jobs.job import ACTIVE, FIELDS, Job, JobStatus, check_transition, utc_now
 
 logger = logging.getLogger(__name__)
 
+SUMMARY_FIELDS = ("priority", "num_examples", "estimated_tokens", "hero_id", "campaign_id", "created_at")
 _RUNTIME_FIELDS = ("worker", "heartbeat_at")  # kept in the hash beside the Job fields, not part of the record
 
 
@@ -78,6 +80,7 @@ class JobStore:
                     pipe.multi()
                     pipe.hset(job_key, mapping={f: _encode(getattr(job, f)) for f in FIELDS})
                     pipe.zadd(keys.JOBS_ALL, {job.id: time.time()})
+                    pipe.hset(keys.JOBS_SUMMARY, job.id, json.dumps({f: getattr(job, f) for f in SUMMARY_FIELDS}))
                     pipe.sadd(keys.JOBS_BY_STATUS.format(status=job.status.value), job.id)
                     pipe.zadd(keys.JOBS_QUEUED, {job.id: keys.queue_score(job.priority, seq)})
                     pipe.zadd(keys.CAMPAIGN_PENDING.format(id=job.campaign_id),

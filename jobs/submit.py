@@ -15,7 +15,7 @@ from config.errors import ConfigError, GuildError
 from config.layers import resolve_job_config
 from config.locked import build_locked_config
 from config.settings import Settings
-from engine.formats import DatasetError, Problem, parse_bytes
+from engine.formats import DatasetError, parse_bytes
 from heroes.profile import DEFAULT_HERO, load_hero
 from jobs.datasets import store_dataset
 from jobs.errors import DuplicateDataset
@@ -54,12 +54,12 @@ def check_files(paths: list[str]) -> list[CheckedFile]:
     """Read and validate every file completely. Raises BatchRejected listing every problem of every file."""
     import hashlib
 
-    from engine.formats import estimate_tokens
+    from engine.formats import estimate_tokens, read_bytes
 
     checked, problems = [], []
     for path in paths:
         try:
-            data = _read(path)
+            data = read_bytes(path, path)
             examples = parse_bytes(data, path)
         except DatasetError as exc:
             problems.extend(str(p) for p in exc.problems)
@@ -69,23 +69,6 @@ def check_files(paths: list[str]) -> list[CheckedFile]:
     if problems:
         raise BatchRejected("\n".join(problems))
     return checked
-
-
-def _read(path: str) -> bytes:
-    p = Path(path)
-    try:
-        if p.is_dir():
-            raise DatasetError([Problem(path, None, "is a directory, not a .jsonl file")])
-        return p.read_bytes()
-    except FileNotFoundError:
-        raise DatasetError([Problem(path, None, "no such file")]) from None
-    except IsADirectoryError:
-        raise DatasetError([Problem(path, None, "is a directory, not a .jsonl file")]) from None
-    except PermissionError:
-        raise DatasetError([Problem(path, None, "permission denied; make the file readable")]) from None
-    except OSError as exc:
-        hint = "symlink loop" if exc.errno == 40 else exc.strerror
-        raise DatasetError([Problem(path, None, f"cannot read: {hint}")]) from None
 
 
 def resolve_campaign(settings: Settings, hero_id: str | None, campaign_name: str | None,
@@ -199,6 +182,7 @@ def _rollback(store: JobStore, jobs: list[Job]) -> None:
             with store.redis.pipeline() as pipe:
                 pipe.delete(keys.JOB.format(id=job.id), keys.JOB_HISTORY.format(id=job.id))
                 pipe.zrem(keys.JOBS_ALL, job.id)
+                pipe.hdel(keys.JOBS_SUMMARY, job.id)
                 pipe.zrem(keys.JOBS_QUEUED, job.id)
                 pipe.srem(keys.JOBS_BY_STATUS.format(status="queued"), job.id)
                 pipe.zrem(keys.CAMPAIGN_PENDING.format(id=job.campaign_id), job.id)

@@ -6,7 +6,7 @@ import sys
 import time
 
 from jobs.cli_format import job_view
-from jobs.job import JobStatus, TERMINAL
+from jobs.job import TERMINAL, JobStatus
 from jobs.store import JobStore
 
 

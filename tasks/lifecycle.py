@@ -83,13 +83,15 @@ class JobRunner:
 
     # --------------------------------------------------------------------------------------------- the run
 
-    def run(self, job_id: str, republish) -> Outcome:
+    def run(self, job_id: str, republish, emit=None) -> Outcome:
         """Run one delivery of ``job_id``'s message.
 
         Args:
             republish: ``republish(job_id, priority)`` sends the job's message again (used when its campaign is
                 busy with another job, or when it goes back to its queue).
+            emit: ``emit(progress_dict)`` publishes progress to monitoring (Flower task events); optional.
         """
+        self._emit = emit
         try:
             job = self.store.get(job_id)
         except GuildError as exc:
@@ -111,7 +113,7 @@ class JobRunner:
             republish(job_id, job.priority)
             return Outcome("deferred", f"campaign {job.campaign_id} is busy ({lock.holder()})")
         try:
-            claimed = self.store.claim(job_id, self.worker_name)
+            claimed = self.store.claim(job_id, self.worker_name, stale_after_s=self.settings.heartbeat_stale_s)
             if claimed is None:
                 return Outcome("dropped", "already running elsewhere or finished")
             return self._train(claimed, lock, republish)
@@ -133,6 +135,13 @@ class JobRunner:
     def _train(self, job, lock: CampaignLock, republish) -> Outcome:
         from engine.errors import DatasetInvalid
 
+        from tasks.sweeper import max_attempts_of
+
+        if job.attempts > max_attempts_of(job):
+            self._fail(job, f"gave up after {job.attempts - 1} attempts (queue.max_attempts); last error: "
+                            f"{job.last_error}")
+            return Outcome("failed", "too many attempts")
+        self.store.redis.hdel(keys.JOB.format(id=job.id), "stop_request")
         beat = _Heartbeat(self.store, job.id, lock, self.heartbeat_s)
         beat.start()
         try:
@@ -147,6 +156,8 @@ class JobRunner:
                 beat.progress = {"step": step, "total_steps": total_steps, "loss": loss, "lr": lr,
                                  "tokens_per_sec": tokens_per_sec, "eta_s": eta_s, "updated_at": time.time()}
                 self.store.heartbeat(job.id, beat.progress)
+                if self._emit is not None:
+                    self._emit(beat.progress)
 
             control = _StopCheck(self.store, job.id, beat)
             result = self.engine.run_job(
@@ -175,6 +186,7 @@ class JobRunner:
     def _prepare(self, job) -> dict[str, Any]:
         """Resolve hero, campaign, config and locked block; find where training resumes from."""
         from engine.checkpoint import latest_checkpoint, read_checkpoint_state
+
         from heroes.materialise import ensure_model
         from heroes.profile import load_hero
 
@@ -200,7 +212,7 @@ class JobRunner:
 
     # ------------------------------------------------------------------------------------------- endings
 
-    def _finish(self, job, plan, result, control: "_StopCheck", republish) -> Outcome:
+    def _finish(self, job, plan, result, control: _StopCheck, republish) -> Outcome:
         fields = {"final_step": result.final_step, "final_loss": result.final_loss,
                   "final_val_loss": result.final_val_loss, "trained_tokens": result.trained_tokens,
                   "tokens_per_sec": result.tokens_per_sec, "start_step": result.start_step,

@@ -73,7 +73,7 @@ class RedisServer:
         auth = f":{self.password}@" if self.password else ""
         return f"redis://{auth}127.0.0.1:{self.port}/0"
 
-    def start(self) -> "RedisServer":
+    def start(self) -> RedisServer:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         args = [redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.data_dir),
                 "--appendonly", "yes", "--appendfsync", "always", "--maxmemory-policy", "noeviction", "--save", "",
@@ -108,7 +108,7 @@ class Worker:
         self.env, self.name, self.log_path, self.queues = env, name, log_path, queues
         self.proc: subprocess.Popen | None = None
 
-    def start(self, wait_ready: bool = True) -> "Worker":
+    def start(self, wait_ready: bool = True) -> Worker:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(

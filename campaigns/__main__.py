@@ -1,0 +1,65 @@
+"""``python -m campaigns create NAME --hero ID [--set KEY=VALUE ...]`` / ``list`` / ``show NAME [--json]``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from config.errors import GuildError
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m campaigns", description="Long training runs of one hero.")
+    sub = p.add_subparsers(dest="command", required=True)
+    create = sub.add_parser("create")
+    create.add_argument("name")
+    create.add_argument("--hero", dest="hero_id", required=True)
+    create.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
+    ls = sub.add_parser("list")
+    ls.add_argument("--json", action="store_true")
+    show = sub.add_parser("show")
+    show.add_argument("name")
+    show.add_argument("--json", action="store_true")
+    args = p.parse_args(argv)
+    try:
+        from campaigns.campaign import CampaignStore
+        from config.settings import get_settings
+
+        settings = get_settings()
+        store = CampaignStore(settings.guild_home)
+        if args.command == "create":
+            from config.layers import Layer, canonical_key, parse_set_args, resolve
+            from heroes.profile import load_hero
+            from jobs.submit import create_campaign
+
+            hero = load_hero(args.hero_id, settings.guild_home)
+            sets = parse_set_args(args.sets)
+            typed = resolve([Layer("campaign", sets, "--set", from_text=True)]).config.flat()
+            overrides = {canonical_key(k): typed[canonical_key(k)] for k in sets}
+            campaign = create_campaign(settings, hero, args.name, overrides)
+            print(f"created campaign {campaign.id} (hero {campaign.hero_id}, {campaign.config_hash})")
+            return 0
+        if args.command == "list":
+            campaigns = store.list()
+            if args.json:
+                print(json.dumps([c.to_dict() for c in campaigns], indent=2))
+            else:
+                for c in campaigns:
+                    print(f"{c.id:24} {c.hero_id:16} step {c.current_step:<8} jobs {len(c.job_ids):<5} {c.status}")
+            return 0
+        campaign = store.get(args.name)
+        if args.json:
+            print(json.dumps(campaign.to_dict(), indent=2))
+        else:
+            for key, value in campaign.to_dict().items():
+                print(f"{key + ':':20} {json.dumps(value)}")
+        return 0
+    except GuildError as exc:
+        for line in str(exc).splitlines():
+            print(f"error: {line}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

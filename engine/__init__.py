@@ -1,0 +1,1 @@
+"""Training engine: a library that knows nothing of Celery or Redis."""

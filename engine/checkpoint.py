@@ -1,0 +1,239 @@
+"""Checkpoints: one directory per saved step, written atomically, never a pickle.
+
+A checkpoint ``step-00042/`` holds:
+
+* the model as a Hugging Face directory (``config.json``, ``model.safetensors``) plus the tokenizer, so it
+  loads with ``from_pretrained`` on its own;
+* ``optimizer.safetensors`` (every state tensor) and ``optimizer.json`` (param groups and scalars);
+* ``rng.safetensors`` (torch CPU and CUDA generator states) and ``rng.json`` (Python's ``random``);
+* ``trainer_state.json``: global step, run id, job step, data position, the resolved config and its hash, loss
+  history; the learning rate needs no state of its own (see :mod:`engine.schedule`);
+* ``COMPLETE``, written last.
+
+It is written into ``.tmp-step-00042/`` beside, every file fsynced, then renamed. A crash mid-save leaves only
+a ``.tmp-*`` directory, which loaders never look at and the next job removes; loaders also require ``COMPLETE``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from engine.errors import CheckpointError
+
+logger = logging.getLogger(__name__)
+
+STATE_FILE = "trainer_state.json"
+MARKER_FILE = "COMPLETE"
+OPTIMIZER_TENSORS = "optimizer.safetensors"
+OPTIMIZER_META = "optimizer.json"
+RNG_TENSORS = "rng.safetensors"
+RNG_META = "rng.json"
+STATE_FORMAT = 1
+
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+_TMP_PREFIX = ".tmp-step-"
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step-{step:05d}"
+
+
+# ---------------------------------------------------------------------------------------------------- finding
+
+
+def is_complete(path: Path) -> bool:
+    """True when ``path`` is a finished checkpoint: a ``step-N`` directory holding the final marker."""
+    return _STEP_DIR.match(path.name) is not None and (path / MARKER_FILE).is_file()
+
+
+def list_checkpoints(checkpoint_dir: Path) -> list[tuple[int, Path]]:
+    """The complete checkpoints in ``checkpoint_dir`` as ``(step, path)``, oldest first."""
+    found = []
+    try:
+        entries = list(Path(checkpoint_dir).iterdir())
+    except OSError:
+        return []
+    for entry in entries:
+        match = _STEP_DIR.match(entry.name)
+        if match and is_complete(entry):
+            found.append((int(match.group(1)), entry))
+    return sorted(found)
+
+
+def latest_checkpoint(checkpoint_dir: Path) -> Path | None:
+    """The newest complete checkpoint directory in ``checkpoint_dir``, or None."""
+    found = list_checkpoints(checkpoint_dir)
+    return found[-1][1] if found else None
+
+
+def read_checkpoint_state(path: Path) -> dict[str, Any]:
+    """The ``trainer_state.json`` of a complete checkpoint.
+
+    Raises:
+        CheckpointError: ``path`` is not a complete checkpoint or its state cannot be read.
+    """
+    path = Path(path)
+    if not is_complete(path):
+        raise CheckpointError(f"{path} is not a complete checkpoint (no {MARKER_FILE} marker in a step-N directory); "
+                              "resume from engine.checkpoint.latest_checkpoint() of its directory")
+    try:
+        return json.loads((path / STATE_FILE).read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{path / STATE_FILE}: cannot read the trainer state ({exc})") from None
+
+
+# ----------------------------------------------------------------------------------------------------- saving
+
+
+def save_checkpoint(checkpoint_dir: Path, step: int, model, optimizer, tokenizer, state: dict[str, Any],
+                    save_total_limit: int) -> Path:
+    """Write the checkpoint of ``step`` atomically and prune old ones; return its directory.
+
+    If a complete checkpoint of ``step`` already exists it is kept and returned as is.
+    """
+    checkpoint_dir = Path(checkpoint_dir)
+    final = checkpoint_dir / checkpoint_name(step)
+    if is_complete(final):
+        return final
+    tmp = checkpoint_dir / f"{_TMP_PREFIX}{step:05d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    started = time.perf_counter()
+
+    model.save_pretrained(tmp)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    tensors, meta = _optimizer_to_files(optimizer.state_dict())
+    save_file(tensors, str(tmp / OPTIMIZER_TENSORS))
+    _write_json(tmp / OPTIMIZER_META, meta)
+    rng_tensors, rng_meta = capture_rng()
+    save_file(rng_tensors, str(tmp / RNG_TENSORS))
+    _write_json(tmp / RNG_META, rng_meta)
+    _write_json(tmp / STATE_FILE, {"format": STATE_FORMAT, **state})
+    for file in tmp.iterdir():
+        if file.is_file():
+            _fsync(file)
+    # The marker goes last: a directory without it is never taken for a checkpoint.
+    _write_json(tmp / MARKER_FILE, {"step": step, "saved_at": time.time()})
+    _fsync(tmp / MARKER_FILE)
+    _fsync(tmp)
+    if final.exists():  # an incomplete leftover of an earlier crash at the same step
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    _fsync(checkpoint_dir)
+    logger.info("saved checkpoint %s in %.2f s", final, time.perf_counter() - started)
+    prune_checkpoints(checkpoint_dir, save_total_limit)
+    return final
+
+
+def prune_checkpoints(checkpoint_dir: Path, keep: int) -> None:
+    """Delete all but the newest ``keep`` complete checkpoints (only ever after a new one is complete)."""
+    for _, path in list_checkpoints(checkpoint_dir)[: -max(1, keep)]:
+        shutil.rmtree(path, ignore_errors=True)
+        logger.debug("removed old checkpoint %s", path)
+
+
+def remove_stale_temp_dirs(checkpoint_dir: Path) -> None:
+    """Remove ``.tmp-step-*`` directories left by a save that was killed (one job writes a directory at a time)."""
+    try:
+        entries = list(Path(checkpoint_dir).iterdir())
+    except OSError:
+        return
+    for entry in entries:
+        if entry.name.startswith(_TMP_PREFIX) and entry.is_dir():
+            logger.warning("removing incomplete checkpoint %s left by an interrupted save", entry)
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------------- loading
+
+
+def load_optimizer_state(path: Path, optimizer) -> None:
+    """Load ``optimizer``'s state from a checkpoint (the optimizer must be built over the same parameters)."""
+    path = Path(path)
+    try:
+        tensors = load_file(str(path / OPTIMIZER_TENSORS))
+        meta = json.loads((path / OPTIMIZER_META).read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: cannot read the optimizer state ({exc})") from None
+    state: dict[int, dict[str, Any]] = {}
+    for key, tensor in tensors.items():
+        _, index, name = key.split(".", 2)
+        state.setdefault(int(index), {})[name] = tensor
+    for index, scalars in meta["state"].items():
+        state.setdefault(int(index), {}).update(scalars)
+    # JSON has no tuples: give back the optimizer's own types (AdamW's betas are a tuple).
+    groups = [{k: (tuple(v) if isinstance(v, list) and k != "params" else v) for k, v in group.items()}
+              for group in meta["param_groups"]]
+    try:
+        optimizer.load_state_dict({"state": state, "param_groups": groups})
+    except (ValueError, KeyError) as exc:
+        raise CheckpointError(f"{path}: the optimizer state does not fit this model ({exc})") from None
+
+
+def restore_rng(path: Path) -> None:
+    """Set the torch (CPU and CUDA) and Python random generators to the states saved in a checkpoint."""
+    path = Path(path)
+    try:
+        tensors = load_file(str(path / RNG_TENSORS))
+        meta = json.loads((path / RNG_META).read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: cannot read the random generator states ({exc})") from None
+    torch.set_rng_state(tensors["torch_cpu"])
+    cuda_states = [tensors[f"torch_cuda.{i}"] for i in range(meta.get("num_cuda", 0))]
+    if cuda_states and torch.cuda.is_available() and len(cuda_states) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda_states)
+    version, internal, gauss = meta["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+def capture_rng() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The generator states as tensors (torch) and JSON (Python's ``random``). Numpy's is not used by the engine."""
+    tensors = {"torch_cpu": torch.get_rng_state()}
+    num_cuda = 0
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"torch_cuda.{i}"] = s
+            num_cuda += 1
+    version, internal, gauss = random.getstate()
+    return tensors, {"python": [version, list(internal), gauss], "num_cuda": num_cuda}
+
+
+# ------------------------------------------------------------------------------------------------ internals
+
+
+def _optimizer_to_files(state_dict: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Split an optimizer state dict into tensors (``state.<param>.<name>``) and JSON-able structure."""
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for index, param_state in state_dict["state"].items():
+        for name, value in param_state.items():
+            if torch.is_tensor(value):
+                tensors[f"state.{index}.{name}"] = value.detach().to("cpu").contiguous()
+            else:
+                scalars.setdefault(str(index), {})[name] = value
+    return tensors, {"state": scalars, "param_groups": state_dict["param_groups"]}
+
+
+def _write_json(path: Path, data: Any) -> None:
+    path.write_text(json.dumps(data, indent=1, sort_keys=True))
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file's or a directory's (its entries') writes to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,22 @@
+"""Errors the training engine raises. Each says what is wrong and how to fix it."""
+
+from __future__ import annotations
+
+from config.errors import GuildError
+
+
+class EngineError(GuildError):
+    """Base class of the engine's errors."""
+
+
+class DatasetInvalid(EngineError):
+    """Raised when a dataset cannot be trained on: it has no example left after tokenisation and truncation,
+    or the chat template cannot render it. The caller marks the job skipped, not failed."""
+
+
+class ModelLoadError(EngineError):
+    """Raised when the model or its tokenizer cannot be loaded from the given path or checkpoint."""
+
+
+class CheckpointError(EngineError):
+    """Raised when a checkpoint directory is incomplete, unreadable or belongs to another model."""

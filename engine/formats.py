@@ -1,0 +1,690 @@
+"""Dataset line formats: read a chat ``.jsonl`` file, validate every line, report each problem as file:line.
+
+A dataset is a UTF-8 JSON Lines file (blank lines, CRLF line ends and a leading UTF-8 BOM are fine) whose
+every line holds one example in one of three formats, the same format on every line:
+
+* ``messages``: ``{"messages": [{"role": "system" | "user" | "assistant", "content": str}, ...]}`` with at
+  least one assistant message whose content is not blank;
+* ``prompt_response``: ``{"prompt": str, "response": str}``, both not blank;
+* ``text``: ``{"text": str}``, not blank.
+
+Nothing else is accepted, not even an extra ``id`` key: every problem is reported with the file, the line
+and how to fix it, all problems of a file together. This module uses only the standard library: the CLI
+imports it, and must start fast, so torch, transformers and numpy stay out of it.
+"""
+
+from __future__ import annotations
+
+import difflib
+import errno
+import hashlib
+import json
+import logging
+import os
+import re
+import stat
+from bisect import bisect_right
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from config.errors import GuildError
+
+logger = logging.getLogger(__name__)
+
+FORMATS = ("messages", "prompt_response", "text")
+ROLES = ("system", "user", "assistant")
+
+DEFAULT_MAX_PROBLEMS = 20
+
+# The token estimate: English-like text runs at about 3.6 UTF-8 bytes per token with common BPE vocabularies,
+# and a chat template adds a few tokens (role markers, separators) around each message or segment.
+BYTES_PER_TOKEN = 3.6
+TEMPLATE_TOKENS_PER_SEGMENT = 8
+
+_FORMAT_NAMES = {"messages": "messages", "prompt_response": "prompt/response", "text": "text"}
+_FORMAT_OF_KEY = {"messages": "messages", "prompt": "prompt_response", "response": "prompt_response", "text": "text"}
+_MESSAGE_KEYS = ("role", "content")
+_ONE_OF = "a line holds exactly one of: messages / prompt+response / text"
+
+# Keys of other well-known dataset layouts, and how to convert them.
+_FOREIGN_KEY_HINTS = {
+    "conversations": "convert ShareGPT 'conversations' (from/value) to 'messages' (role/content)",
+    "instruction": "convert Alpaca instruction/input/output to 'prompt' and 'response'",
+    "input": "convert Alpaca instruction/input/output to 'prompt' and 'response'",
+    "output": "convert Alpaca instruction/input/output to 'prompt' and 'response'",
+    "completion": "rename 'completion' to 'response'",
+}
+_ROLE_HINTS = {"human": "user", "gpt": "assistant", "bot": "assistant", "model": "assistant", "ai": "assistant"}
+
+# Leading bytes of files people hand over by mistake: (magic, what it is, how to fix it).
+_MAGIC = (
+    (b"\x1f\x8b", "a gzip-compressed file", "decompress it first (gunzip)"),
+    (b"PK\x03\x04", "a zip archive", "extract the .jsonl file from it"),
+    (b"\xfd7zXZ\x00", "an xz-compressed file", "decompress it first (unxz)"),
+    (b"\x28\xb5\x2f\xfd", "a zstd-compressed file", "decompress it first (unzstd)"),
+    (b"PAR1", "a Parquet file", "export it to JSON Lines, one JSON object per line"),
+)
+_UTF8_BOM = b"\xef\xbb\xbf"
+
+# With errors="surrogateescape" every byte that is not valid UTF-8 decodes to one of these characters.
+_ESCAPED_BYTE = re.compile("[\\udc80-\\udcff]")
+# A JSON "\\ud83d" escape without its pair decodes to a lone surrogate, which no tokenizer can encode.
+_SURROGATE = re.compile("[\\ud800-\\udfff]")
+_JSON_ARRAY_START = re.compile(r"[ \t\r\n]*\[")
+
+_DECODER = json.JSONDecoder()
+_PRETTY_WINDOW_CHARS = 2048  # first guess at the size of a pretty-printed object; doubled as needed
+_MISSING = object()
+
+
+@dataclass(frozen=True)
+class Example:
+    """One validated example: a line of a dataset file.
+
+    Only the fields of its format are set: ``messages`` for "messages", ``prompt`` and ``response`` for
+    "prompt_response", ``text`` for "text".
+    """
+
+    format: str  # one of FORMATS
+    line: int  # 1-based line number in the file
+    messages: tuple[tuple[str, str], ...] = ()  # (role, content) pairs, for "messages"
+    prompt: str = ""
+    response: str = ""
+    text: str = ""
+
+    def __post_init__(self) -> None:
+        if self.format not in FORMATS:
+            raise ValueError(f"unknown example format {self.format!r}; expected one of {', '.join(FORMATS)}")
+
+    def num_chars(self) -> int:
+        """Return the total number of characters of content (message contents, prompt + response, or text)."""
+        return sum(len(segment) for segment in _segments(self))
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with a dataset file, where it is and how to fix it."""
+
+    path: str  # the path as the user gave it
+    line: int | None  # 1-based; None for whole-file problems (missing, a directory, empty...)
+    message: str
+
+    def __str__(self) -> str:
+        if self.line is None:
+            return f"{self.path}: {self.message}"
+        return f"{self.path}:{self.line}: {self.message}"
+
+
+class DatasetError(GuildError):
+    """Raised when a dataset file has one or more problems.
+
+    Attributes:
+        problems: the problems found, in file order (whole-file problems first), at most ``max_problems``.
+        omitted: how many more problems were found and not listed.
+
+    ``str()`` gives one problem per line, then ``and N more problems`` when some were left out.
+    """
+
+    def __init__(self, problems: Iterable[Problem], omitted: int = 0):
+        self.problems = list(problems)
+        self.omitted = omitted
+        # Both go to Exception.args so that the error survives pickling (a Celery result backend does that).
+        super().__init__(self.problems, omitted)
+
+    def __str__(self) -> str:
+        lines = [str(problem) for problem in self.problems]
+        if self.omitted:
+            lines.append(f"and {self.omitted} more problem{'' if self.omitted == 1 else 's'}")
+        return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class DatasetSummary:
+    """What :func:`validate_file` learned about a valid dataset file."""
+
+    path: str  # the path as the user gave it
+    format: str  # one of FORMATS
+    num_examples: int
+    estimated_tokens: int  # see estimate_tokens(): a cheap estimate, no tokenizer involved
+    sha256: str  # hex sha256 of the raw file bytes
+
+
+def read_examples(
+    path: str | os.PathLike, display_path: str | None = None, max_problems: int = DEFAULT_MAX_PROBLEMS
+) -> list[Example]:
+    """Read, parse and validate a whole dataset file.
+
+    Args:
+        path: the file to read.
+        display_path: how to name the file in problems; defaults to ``path`` as given.
+        max_problems: list at most this many problems; the error then says how many more there are.
+
+    Returns:
+        The examples, in file order (at least one).
+
+    Raises:
+        DatasetError: the file cannot be read or has any problem (every line is checked).
+    """
+    shown = display_path if display_path is not None else os.fspath(path)
+    return parse_bytes(read_bytes(path, shown), shown, max_problems)
+
+
+def validate_file(
+    path: str | os.PathLike, display_path: str | None = None, max_problems: int = DEFAULT_MAX_PROBLEMS
+) -> DatasetSummary:
+    """Read a dataset file once, validate every line and summarise it.
+
+    Args:
+        path: the file to read.
+        display_path: how to name the file in problems and in the summary; defaults to ``path`` as given.
+        max_problems: list at most this many problems; the error then says how many more there are.
+
+    Returns:
+        The summary: format, number of examples, estimated tokens and the sha256 of the file's bytes.
+
+    Raises:
+        DatasetError: the file cannot be read or has any problem.
+    """
+    shown = display_path if display_path is not None else os.fspath(path)
+    data = read_bytes(path, shown)
+    examples = parse_bytes(data, shown, max_problems)
+    summary = DatasetSummary(
+        path=shown,
+        format=examples[0].format,
+        num_examples=len(examples),
+        estimated_tokens=estimate_tokens(examples),
+        sha256=hashlib.sha256(data).hexdigest(),
+    )
+    logger.debug(
+        "validated %s: %d %s examples, about %d tokens",
+        shown,
+        summary.num_examples,
+        summary.format,
+        summary.estimated_tokens,
+    )
+    return summary
+
+
+def parse_bytes(data: bytes, display_path: str, max_problems: int = DEFAULT_MAX_PROBLEMS) -> list[Example]:
+    """Parse and validate the bytes of a dataset file.
+
+    Args:
+        data: the raw bytes of the file.
+        display_path: how to name the file in problems.
+        max_problems: list at most this many problems; the error then says how many more there are.
+
+    Returns:
+        The examples, in file order (at least one).
+
+    Raises:
+        DatasetError: anything is wrong: encoding, JSON, a field, formats mixed, or no example at all.
+        ValueError: ``max_problems`` is below 1.
+    """
+    if max_problems < 1:
+        raise ValueError(f"max_problems must be at least 1, got {max_problems}")
+    return _Parser(display_path, max_problems).parse(data)
+
+
+def estimate_tokens(examples: Iterable[Example]) -> int:
+    """Estimate how many tokens the examples make, without a tokenizer.
+
+    The heuristic: ``ceil(total UTF-8 bytes of content / 3.6)`` plus 8 tokens of template overhead per
+    message (messages format) or per segment (prompt and response are two segments, text is one). It is
+    meant for sizing and cost guesses, within a few tens of percent for English; code, other scripts and
+    emoji tokenize differently.
+
+    Args:
+        examples: validated examples.
+
+    Returns:
+        The estimated number of tokens.
+    """
+    total_bytes = 0
+    num_segments = 0
+    for example in examples:
+        for segment in _segments(example):
+            total_bytes += len(segment.encode("utf-8"))
+            num_segments += 1
+    # ceil(total_bytes / BYTES_PER_TOKEN) in integers (tenths of a byte): 3.6 is not exact in binary floating point.
+    return -(-total_bytes * 10 // round(BYTES_PER_TOKEN * 10)) + TEMPLATE_TOKENS_PER_SEGMENT * num_segments
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reading the file
+
+
+def read_bytes(path: str | os.PathLike, shown: str) -> bytes:
+    """Return the file's bytes, or raise DatasetError with a whole-file problem saying why they cannot be read."""
+    try:
+        # stat() first: open() on a FIFO would block until someone writes to it.
+        mode = os.stat(path).st_mode
+        if stat.S_ISDIR(mode):
+            message = "is a directory, not a .jsonl file"
+        elif not stat.S_ISREG(mode):
+            message = "is not a regular file (a device, FIFO or socket); give the path of a .jsonl file"
+        else:
+            with open(path, "rb") as handle:
+                return handle.read()
+    except OSError as exc:
+        message = _os_error_message(path, exc)
+    raise DatasetError([Problem(shown, None, message)])
+
+
+def _os_error_message(path: str | os.PathLike, exc: OSError) -> str:
+    """Say in words why reading ``path`` failed with ``exc``."""
+    if exc.errno == errno.ENOENT:
+        if os.path.lexists(path):
+            return "no such file (it is a symlink whose target does not exist)"
+        return "no such file"
+    if exc.errno == errno.ENOTDIR:
+        return "no such file (a part of the path before the file name is not a directory)"
+    if exc.errno == errno.EISDIR:
+        return "is a directory, not a .jsonl file"
+    if exc.errno == errno.ELOOP:
+        return "symlink loop: the path's symlinks point back at each other; point it at the real file"
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return "permission denied; make the file (and its folders) readable by the user running Guild"
+    if exc.errno == errno.ENAMETOOLONG:
+        return "the path is too long"
+    return f"cannot read the file: {exc.strerror or exc}"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Parsing
+
+
+class _Parser:
+    """One pass over one file's bytes: collects the examples and the problems, in file order."""
+
+    def __init__(self, shown: str, max_problems: int):
+        self.shown = shown
+        self.max_problems = max_problems
+        self.problems: list[Problem] = []
+        self.omitted = 0
+        self.not_utf8 = False  # set by _decode when some bytes are not UTF-8
+        self.file_format = ""  # the format of the first line that has one, and that line
+        self.format_line = 0
+        self.mixed_reported = False
+
+    def add(self, line: int | None, message: str) -> None:
+        """Record a problem; beyond max_problems only count it."""
+        if len(self.problems) < self.max_problems:
+            self.problems.append(Problem(self.shown, line, message))
+        else:
+            self.omitted += 1
+
+    def fail(self) -> DatasetError:
+        """Return the error listing the problems recorded so far."""
+        return DatasetError(self.problems, self.omitted)
+
+    def parse(self, data: bytes) -> list[Example]:
+        """Return the examples of ``data``; raise DatasetError if anything is wrong."""
+        text = self._decode(data)
+        if text is None:
+            raise self.fail()
+        if _JSON_ARRAY_START.match(text) and self._is_json_array(text):
+            raise self.fail()
+        examples = self._parse_lines(text)
+        if self.problems:
+            raise self.fail()
+        if not examples:
+            self.add(None, "no examples; a dataset needs at least one line (one JSON object per line)")
+            raise self.fail()
+        return examples
+
+    # -- the bytes -------------------------------------------------------------------------------------
+
+    def _decode(self, data: bytes) -> str | None:
+        """Decode ``data`` as UTF-8 (bytes that are not UTF-8 stay as surrogate escapes, reported per line).
+
+        Returns None after recording a whole-file problem when the bytes are not text at all.
+        """
+        for magic, what, fix in _MAGIC:
+            if data.startswith(magic):
+                self.add(None, f"looks like {what}, not a .jsonl file; {fix}")
+                return None
+        if data.startswith((b"\xff\xfe\x00\x00", b"\x00\x00\xfe\xff")):
+            self.add(None, "looks like UTF-32 (it starts with a UTF-32 byte order mark); save the file as UTF-8")
+            return None
+        if data.startswith((b"\xff\xfe", b"\xfe\xff")) or _looks_like_utf16(data):
+            self.add(None, "looks like UTF-16; save the file as UTF-8")
+            return None
+        data = data.removeprefix(_UTF8_BOM)
+        nul = data.find(b"\x00")
+        if nul >= 0:
+            line_start = data.rfind(b"\n", 0, nul) + 1
+            line = data.count(b"\n", 0, nul) + 1
+            self.add(
+                line,
+                f"holds a NUL byte (0x00 at byte {nul - line_start + 1} of the line); this looks like a binary "
+                "file, not UTF-8 JSON Lines",
+            )
+            return None
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError:
+            self.not_utf8 = True
+            return data.decode("utf-8", "surrogateescape")
+
+    def _is_json_array(self, text: str) -> bool:
+        """Record a problem and return True if the whole text is one JSON array (JSON, not JSON Lines)."""
+        try:
+            value = json.loads(text)
+        except (json.JSONDecodeError, RecursionError):
+            return False
+        if not isinstance(value, list):
+            return False
+        self.add(
+            None,
+            f"the file is one JSON array (of {len(value)} items); write one JSON object per line (JSON Lines), "
+            "e.g. with json.dumps(item) for each item",
+        )
+        return True
+
+    # -- the lines -------------------------------------------------------------------------------------
+
+    def _parse_lines(self, text: str) -> list[Example]:
+        """Parse and validate every line; record problems; return the valid examples."""
+        lines = text.split("\n")  # not splitlines(): JSON strings may hold U+2028 and friends
+        truncated_last = not text.endswith("\n")
+        bad_lines = [i for i, line in enumerate(lines) if _ESCAPED_BYTE.search(line)] if self.not_utf8 else []
+        bad_set = set(bad_lines)
+        offsets: list[int] = []  # start offset of each line, computed once a multi-line object is suspected
+        examples: list[Example] = []
+        i = 0
+        while i < len(lines):
+            raw, index = lines[i], i
+            i += 1
+            if not raw.strip():
+                continue
+            if index in bad_set:
+                # One problem for the whole file: the fix (save as UTF-8) is the same for every line.
+                if index == bad_lines[0]:
+                    self.add(index + 1, _not_utf8_message(raw, len(bad_lines) - 1))
+                continue
+            try:
+                value = json.loads(raw)
+            except json.JSONDecodeError as exc:
+                end = None
+                if exc.pos >= len(raw.rstrip()):  # the line is unfinished, not malformed: is it pretty-printed?
+                    offsets = offsets or _line_offsets(lines)
+                    end = _multi_line_object_end(text, lines, offsets, index)
+                if end is None:
+                    is_last = truncated_last and index == len(lines) - 1
+                    self.add(index + 1, _invalid_json_message(exc, raw, truncated=is_last))
+                else:
+                    self.add(
+                        index + 1,
+                        f"a JSON object spans lines {index + 1}-{end + 1}; write one JSON object per line "
+                        "(JSON Lines), e.g. with json.dumps(obj) and no indent",
+                    )
+                    i = end + 1
+                continue
+            except RecursionError:
+                self.add(index + 1, "invalid JSON: nested too deeply")
+                continue
+            example = self._check_value(value, index + 1)
+            if example is not None:
+                examples.append(example)
+        return examples
+
+    def _check_value(self, value: object, line: int) -> Example | None:
+        """Validate the JSON value of a line; record its problems; return its Example, or None if invalid."""
+        if not isinstance(value, dict):
+            hint = "; write one example per line, not a list of them" if isinstance(value, list) else ""
+            self.add(line, f'expected a JSON object like {{"messages": [...]}}, got {_kind(value)}{hint}')
+            return None
+        fmt, key_problems = _line_format(value)
+        for message in key_problems:
+            self.add(line, message)
+        if fmt is None:
+            return None
+        if not self.file_format:
+            self.file_format, self.format_line = fmt, line
+        elif fmt != self.file_format:
+            # Only the first line that differs: past it, every line of the other format would differ too.
+            if not self.mixed_reported:
+                self.add(
+                    line,
+                    f"line {line} is {_FORMAT_NAMES[fmt]} format but the file started with "
+                    f"{_FORMAT_NAMES[self.file_format]} format at line {self.format_line}; use one format per file",
+                )
+                self.mixed_reported = True
+            return None
+        example, field_problems = _build_example(fmt, value, line)
+        for message in field_problems:
+            self.add(line, message)
+        return None if key_problems else example
+
+
+def _looks_like_utf16(data: bytes) -> bool:
+    """Return True if ``data`` looks like UTF-16 without a byte order mark: NUL in every other byte."""
+    sample = data[:4096]
+    if len(sample) < 4:
+        return False
+    even, odd = sample[0::2], sample[1::2]
+    mostly_nul = (even.count(0) >= 0.6 * len(even) and odd.count(0) <= 0.1 * len(odd)) or (
+        odd.count(0) >= 0.6 * len(odd) and even.count(0) <= 0.1 * len(even)
+    )
+    return mostly_nul
+
+
+def _line_offsets(lines: list[str]) -> list[int]:
+    """Return the offset in the text where each line starts."""
+    offsets = []
+    position = 0
+    for line in lines:
+        offsets.append(position)
+        position += len(line) + 1
+    return offsets
+
+
+def _multi_line_object_end(text: str, lines: list[str], offsets: list[int], index: int) -> int | None:
+    """Return the index of the line where a pretty-printed JSON object starting on line ``index`` ends.
+
+    Returns None if no valid JSON object starts there, or if it ends on the same line.
+    """
+    line = lines[index]
+    start = offsets[index] + len(line) - len(line.lstrip(" \t\r"))
+    if not text.startswith("{", start):
+        return None
+    # Decode a window of whole lines, doubled while the object runs past it: a JSONDecodeError counts the
+    # lines before its position, so decoding the rest of a big file for every bad line would be quadratic.
+    size = _PRETTY_WINDOW_CHARS
+    while True:
+        newline = text.find("\n", start + size)
+        stop = len(text) if newline < 0 else newline + 1
+        window = text[start:stop]
+        try:
+            _, end = _DECODER.raw_decode(window)
+            break
+        except RecursionError:
+            return None
+        except json.JSONDecodeError as exc:
+            # A string cannot span lines, so an error before the window's last non-blank character is a real one.
+            if stop == len(text) or exc.pos < len(window.rstrip()):
+                return None
+            size *= 2
+    end_index = bisect_right(offsets, start + end - 1) - 1
+    return end_index if end_index > index else None
+
+
+def _not_utf8_message(line: str, num_other_lines: int) -> str:
+    """Describe the first byte of ``line`` (decoded with surrogateescape) that is not UTF-8."""
+    match = _ESCAPED_BYTE.search(line)
+    assert match is not None
+    byte = ord(match.group()) - 0xDC00
+    message = f"not UTF-8 (byte 0x{byte:02X} at column {match.start() + 1}); save the file as UTF-8"
+    if num_other_lines:
+        lines = "1 more line holds" if num_other_lines == 1 else f"{num_other_lines} more lines hold"
+        message += f" ({lines} non-UTF-8 bytes)"
+    return message
+
+
+def _invalid_json_message(exc: json.JSONDecodeError, raw: str, truncated: bool) -> str:
+    """Describe a line that is not valid JSON, with a hint when the cause is a common one."""
+    # Some messages end in "at" already ("Unterminated string starting at").
+    message = f"invalid JSON: {exc.msg.removesuffix(' at')} at column {exc.colno}"
+    stripped = raw.strip()
+    if "\r" in raw.rstrip("\r"):
+        message += "; the file seems to end lines with CR only: use LF (or CRLF) line ends"
+    elif truncated:
+        message += "; the last line looks truncated (the file does not end with a newline)"
+    elif stripped in ("{", "["):
+        message += "; the line holds only '" + stripped + "': write one JSON object per line (JSON Lines)"
+    return message
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Validating one line's object
+
+
+def _line_format(obj: dict) -> tuple[str | None, list[str]]:
+    """Return the format a line's keys say (None if they say none or several) and the problems of its keys."""
+    problems = []
+    unknown = [key for key in obj if key not in _FORMAT_OF_KEY]
+    if unknown:
+        hint = _key_hint(unknown[0], _FORMAT_OF_KEY, _FOREIGN_KEY_HINTS)
+        problems.append(
+            f"unknown {_keys_phrase(unknown)}{hint}; {_ONE_OF}, and no other key (keep ids and metadata elsewhere)"
+        )
+    formats = sorted({_FORMAT_OF_KEY[key] for key in obj if key in _FORMAT_OF_KEY}, key=FORMATS.index)
+    if len(formats) == 1:
+        return formats[0], problems
+    if len(formats) > 1:
+        found = " and ".join(_FORMAT_NAMES[fmt] for fmt in formats)
+        problems.append(f"mixes formats ({found} keys); {_ONE_OF}")
+    elif not obj:
+        problems.append(f"empty object; {_ONE_OF}")
+    return None, problems
+
+
+def _keys_phrase(keys: list[str]) -> str:
+    """Return "key 'a'" or "keys 'a', 'b'"."""
+    quoted = ", ".join(repr(key) for key in keys)
+    return f"key {quoted}" if len(keys) == 1 else f"keys {quoted}"
+
+
+def _key_hint(key: str, choices: Iterable[str], hints: dict[str, str] | None = None) -> str:
+    """Return a hint for an unknown key: how to convert it (from ``hints``), " (did you mean ...?)" or ""."""
+    if hints and key in hints:
+        return f" ({hints[key]})"
+    close = difflib.get_close_matches(key.lower(), list(choices), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _build_example(fmt: str, obj: dict, line: int) -> tuple[Example | None, list[str]]:
+    """Validate the fields of a line of format ``fmt``; return its Example (None if invalid) and the problems."""
+    if fmt == "messages":
+        messages, problems = _check_messages(obj["messages"])
+        return (Example(fmt, line, messages=messages) if not problems else None), problems
+    if fmt == "prompt_response":
+        problems = [
+            problem
+            for problem in (
+                _check_string(obj, "prompt", "a prompt/response line needs both 'prompt' and 'response'"),
+                _check_string(obj, "response", "a prompt/response line needs both 'prompt' and 'response'"),
+            )
+            if problem
+        ]
+        return (Example(fmt, line, prompt=obj["prompt"], response=obj["response"]) if not problems else None), problems
+    problem = _check_string(obj, "text", "")
+    return (Example(fmt, line, text=obj["text"]) if not problem else None), ([problem] if problem else [])
+
+
+def _check_messages(value: object) -> tuple[tuple[tuple[str, str], ...], list[str]]:
+    """Validate a 'messages' value; return its (role, content) pairs and the problems."""
+    if not isinstance(value, list):
+        return (), [f"""'messages' must be a list of {{"role": ..., "content": ...}} objects, got {_kind(value)}"""]
+    if not value:
+        return (), ["'messages' is an empty list; it needs at least one assistant message"]
+    pairs: list[tuple[str, str]] = []
+    problems: list[str] = []
+    for index, message in enumerate(value):
+        where = f"messages[{index}]"
+        if not isinstance(message, dict):
+            problems.append(
+                f"""{where} must be an object like {{"role": "user", "content": "..."}}, got {_kind(message)}"""
+            )
+            continue
+        unknown = [key for key in message if key not in _MESSAGE_KEYS]
+        if unknown:
+            problems.append(
+                f"{where} has unknown {_keys_phrase(unknown)}{_key_hint(unknown[0], _MESSAGE_KEYS)}; "
+                "a message holds exactly 'role' and 'content'"
+            )
+        role_problem = _check_role(message.get("role", _MISSING), where)
+        content_problem = _check_string(message, "content", "", where=where, allow_blank=True)
+        problems.extend(problem for problem in (role_problem, content_problem) if problem)
+        if not (unknown or role_problem or content_problem):
+            pairs.append((message["role"], message["content"]))
+    if problems:
+        return (), problems
+    assistant = [content for role, content in pairs if role == "assistant"]
+    if not assistant:
+        return (), ["no assistant message; each example needs at least one message with role 'assistant'"]
+    if not any(content.strip() for content in assistant):
+        return (), ["every assistant message is empty; at least one needs non-empty content"]
+    return tuple(pairs), []
+
+
+def _check_role(role: object, where: str) -> str | None:
+    """Return the problem with a message's role, or None."""
+    if role is _MISSING:
+        return f"{where} has no 'role'; use one of: {', '.join(ROLES)}"
+    if not isinstance(role, str):
+        return f"{where}.role must be a string, got {_kind(role)}"
+    if role in ROLES:
+        return None
+    if role.lower() in ROLES:
+        hint = f" (roles are lowercase: {role.lower()!r})"
+    elif role.lower() in _ROLE_HINTS:
+        hint = f" (did you mean {_ROLE_HINTS[role.lower()]!r}?)"
+    else:
+        hint = ""
+    return f"{where}.role is {role!r}{hint}; use one of: {', '.join(ROLES)}"
+
+
+def _check_string(obj: dict, key: str, missing_hint: str, where: str = "", allow_blank: bool = False) -> str | None:
+    """Return the problem with ``obj[key]``, which must be a (by default not blank) string, or None."""
+    name = f"{where}.{key}" if where else f"'{key}'"
+    value = obj.get(key, _MISSING)
+    if value is _MISSING:
+        return f"{name} is missing" + (f"; {missing_hint}" if missing_hint else "")
+    if not isinstance(value, str):
+        return f"{name} must be a string, got {_kind(value)}"
+    if not allow_blank and not value.strip():
+        return f"{name} is empty"
+    surrogate = _SURROGATE.search(value)
+    if surrogate:
+        return (
+            f"{name} holds an unpaired surrogate escape (\\u{ord(surrogate.group()):04x}); "
+            "encode the text as valid UTF-8 (e.g. json.dumps of a proper str)"
+        )
+    return None
+
+
+def _kind(value: object) -> str:
+    """Name a JSON value's type the way a user reads it."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "an object"
+    return type(value).__name__
+
+
+def _segments(example: Example) -> tuple[str, ...]:
+    """Return the content strings of an example: one per message, prompt and response, or the text."""
+    if example.format == "messages":
+        return tuple(content for _, content in example.messages)
+    if example.format == "prompt_response":
+        return (example.prompt, example.response)
+    return (example.text,)

@@ -1,0 +1,41 @@
+"""The learning rate as a pure function of the global (campaign) step.
+
+There is no scheduler object to save or restore: a job that continues a campaign at step 500 gets the LR of step
+500, so warmup happens once per campaign, never again at the start of a job.
+
+``step`` below is the number of optimizer steps already taken, i.e. the 0-based index of the step about to run.
+"""
+
+from __future__ import annotations
+
+import math
+
+from config.schema import Hyperparams
+
+
+def lr_at(step: int, hp: Hyperparams) -> float:
+    """The learning rate of the optimizer step with 0-based global index ``step``.
+
+    * ``constant``: ``learning_rate`` throughout.
+    * ``constant_with_warmup``: linear warmup over ``warmup_steps`` (reaching the full LR at the last warmup step,
+      so no step is wasted at LR 0), then constant.
+    * ``linear`` / ``cosine``: the same warmup, then a decay to 0 at step ``decay_steps``, 0 after it;
+      ``decay_steps == 0`` means no decay (constant after warmup).
+    """
+    base = hp.learning_rate
+    name = hp.lr_scheduler
+    if name == "constant":
+        return base
+    if step < hp.warmup_steps:
+        return base * (step + 1) / hp.warmup_steps
+    if name == "constant_with_warmup" or hp.decay_steps <= 0:
+        return base
+    span = hp.decay_steps - hp.warmup_steps
+    if span <= 0 or step >= hp.decay_steps:
+        return 0.0
+    progress = (step - hp.warmup_steps) / span
+    if name == "linear":
+        return base * (1.0 - progress)
+    if name == "cosine":
+        return base * 0.5 * (1.0 + math.cos(math.pi * progress))
+    raise ValueError(f"unknown lr_scheduler {name!r}")

@@ -1,0 +1,35 @@
+"""Worker signal handlers: start the lost-job sweeper when a worker is ready, stop it at shutdown."""
+
+from __future__ import annotations
+
+import logging
+
+import redis
+from celery.signals import worker_ready, worker_shutdown
+
+from config.settings import get_settings
+from jobs.store import JobStore
+from tasks.sweeper import Sweeper
+
+logger = logging.getLogger(__name__)
+_sweeper: Sweeper | None = None
+
+
+@worker_ready.connect
+def start_sweeper(sender=None, **_kwargs) -> None:
+    global _sweeper
+    from tasks.app import app
+    from tasks.publish import publish_job
+
+    settings = get_settings()
+    store = JobStore(redis.Redis.from_url(settings.redis_url), settings.guild_home)
+    _sweeper = Sweeper(store, settings.heartbeat_stale_s, settings.sweep_interval_s,
+                       lambda job_id, priority: publish_job(app, job_id, priority))
+    _sweeper.start()
+    logger.info("lost-job sweeper started (stale after %.0f s)", settings.heartbeat_stale_s)
+
+
+@worker_shutdown.connect
+def stop_sweeper(**_kwargs) -> None:
+    if _sweeper is not None:
+        _sweeper.stop()
