@@ -23,6 +23,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="per-job config override, e.g. --set learning_rate=1e-5 (repeatable)")
     p.add_argument("--force", action="store_true", help="enqueue content that is already queued or trained")
+    p.add_argument("--preempt", action="store_true",
+                   help="with --priority high: if every worker is busy with low jobs, one checkpoints and steps aside")
+    p.add_argument("--plan", action="store_true", help="show where the files would land in the queue; enqueue nothing")
     p.add_argument("--wait", action="store_true", help="follow the job(s) to the end; exit 0 only if all completed")
     p.add_argument("--json", action="store_true", help="print the job records as a JSON list")
     return p
@@ -42,7 +45,8 @@ def main(argv: list[str] | None = None) -> int:
         client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=5, socket_timeout=30)
         store = JobStore(client, settings.guild_home)
         request = SubmitRequest(paths=args.files, priority=args.priority, hero_id=args.hero_id,
-                                campaign=args.campaign, sets=parse_set_args(args.sets), force=args.force)
+                                campaign=args.campaign, sets=parse_set_args(args.sets), force=args.force,
+                                preempt=args.preempt)
 
         def publish(job_id: str, priority: str) -> None:
             from tasks.app import app
@@ -50,6 +54,12 @@ def main(argv: list[str] | None = None) -> int:
 
             publish_job(app, job_id, priority)
 
+        if args.plan:
+            from jobs.plan import hero_throughput, plan_submission
+
+            plan = plan_submission(settings, store, request, hero_throughput(settings.guild_home))
+            _print_plan(plan, args.json)
+            return 0
         jobs = submit(settings, store, request, publish)
     except GuildError as exc:
         for line in str(exc).splitlines():
@@ -70,6 +80,18 @@ def main(argv: list[str] | None = None) -> int:
 
         return watch_jobs(store, [j.id for j in jobs], quiet_ids=args.json)
     return 0
+
+
+def _print_plan(plan: dict, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(plan, indent=2))
+        return
+    for n, j in enumerate(plan["jobs"], 1):
+        mark = "NEW " if j.get("new") else "    "
+        print(f"{mark}{n:>4}  {j['id'][:56]:56} {j['priority']:7} {j['num_examples']:>7} ex "
+              f"{j['estimated_tokens']:>9} tok  eta {j['eta_s']:>8.0f}s")
+    t = plan["totals"]
+    print(f"total: {t['jobs']} jobs, {t['estimated_tokens']} tokens, done in about {t['eta_s']:.0f} s (nothing enqueued)")
 
 
 def _names_a_file(line: str, files: list[str]) -> bool:

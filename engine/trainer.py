@@ -345,10 +345,7 @@ class TrainerEngine:
             group["betas"] = (opt.beta1, opt.beta2)
             group["eps"] = opt.eps
             group["weight_decay"] = opt.weight_decay if group.get("name") == "decay" else 0.0
-        if hp.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        elif getattr(model, "is_gradient_checkpointing", False):
-            model.gradient_checkpointing_disable()
+        _set_activation_checkpointing(model, hp.gradient_checkpointing)  # a warm model may have had it on
         model.train()
         return model, optimizer
 
@@ -380,6 +377,20 @@ def _load_model(source: Path):
         return AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
     except Exception as exc:  # noqa: BLE001 - any loading failure is reported the same way
         raise ModelLoadError(f"cannot load a causal LM from {source}: {type(exc).__name__}: {exc}") from None
+
+
+def _set_activation_checkpointing(model, enabled: bool) -> None:
+    """Recompute activations in the backward pass (less memory, ~30% more compute) or not."""
+    # transformers 5 renamed gradient_checkpointing_* to activation_checkpointing_*; older versions have only the former.
+    if hasattr(model, "activation_checkpointing_enable"):
+        if enabled:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.activation_checkpointing_disable()
+    elif enabled:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_disable()
 
 
 def _build_optimizer(model, device: torch.device) -> torch.optim.Optimizer:

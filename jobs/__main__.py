@@ -28,6 +28,10 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--gpu", action="store_true", help="use the heroes' GPU throughput for ETAs")
     cancel = sub.add_parser("cancel", help="cancel a queued or running job")
     cancel.add_argument("id")
+    pause = sub.add_parser("pause", help="stop consuming; running jobs checkpoint and go back to their queue")
+    pause.add_argument("--worker", help="one worker (e.g. gpu0@host); default: all")
+    resume = sub.add_parser("resume", help="consume again")
+    resume.add_argument("--worker", help="one worker; default: all")
     retry = sub.add_parser("retry", help="queue a failed or cancelled job again (resumes from its checkpoint)")
     retry.add_argument("id")
     return p
@@ -95,6 +99,18 @@ def _run(args, store) -> int:
             t = plan["totals"]
             print(f"total: {t['jobs']} jobs, {t['num_examples']} examples, {t['estimated_tokens']} tokens, "
                   f"done in about {t['eta_s']:.0f} s")
+        return 0
+    if args.command in ("pause", "resume"):
+        from jobs.control import pause_workers, resume_workers
+        from tasks.app import app
+
+        who = args.worker or "all workers"
+        if args.command == "pause":
+            stopped = pause_workers(app, store, args.worker)
+            print(f"paused {who}" + (f"; checkpointing and requeuing {', '.join(stopped)}" if stopped else ""))
+        else:
+            resume_workers(app, store, args.worker)
+            print(f"resumed {who}")
         return 0
     if args.command in ("cancel", "retry"):
         from jobs.control import cancel_job, retry_job

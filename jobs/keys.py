@@ -14,7 +14,8 @@ JOB_SEQ = PREFIX + "jobs:seq"                   # counter: enqueue order
 DATASET_OWNER = PREFIX + "dataset:{sha}"        # set of job ids holding this content (duplicate detection)
 CAMPAIGN_LOCK = PREFIX + "campaign:{id}:lock"   # string: holder token, with a lease (PX)
 CAMPAIGN_PENDING = PREFIX + "campaign:{id}:pending"  # zset of queued/processing jobs of a campaign, queue order
-CONTROL_PAUSED = PREFIX + "control:paused"      # set of paused worker names ("*" for all)
+CONTROL_PAUSED = PREFIX + "control:paused"      # set of paused worker names
+WORKERS = PREFIX + "workers"                    # hash: worker name → epoch seconds of its last sign of life
 
 PRIORITY_SCORE_SCALE = 10**12
 

@@ -8,22 +8,26 @@ from typing import Any
 from jobs import keys
 
 
-def build_plan(store, throughput_of, workers: int = 1) -> dict[str, Any]:
+def build_plan(store, throughput_of, workers: int = 1, extra: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """``{"jobs": [...], "totals": {...}}`` for every queued job, priority then age.
 
     Args:
         throughput_of: ``throughput_of(hero_id) -> tokens/s`` (the hero's measured figure).
         workers: jobs run this many at a time (cumulative ETA divides by it).
+        extra: would-be jobs (``enqueue --plan``): each lands after every queued job of its priority.
     """
     ids = store.queued_in_order()
     # One HMGET on the summary hash instead of one command per job: 10,000 jobs in one round trip.
     rows = store.redis.hmget(keys.JOBS_SUMMARY, ids) if ids else []
+    records = [{"id": job_id, **json.loads(row)} for job_id, row in zip(ids, rows) if row is not None]
+    for new in extra or []:
+        rank = keys.PRIORITY_RANK[new["priority"]]
+        at = next((i for i, r in enumerate(records) if keys.PRIORITY_RANK[r["priority"]] > rank), len(records))
+        records.insert(at, new)
     jobs, cumulative = [], 0.0
     totals = {"jobs": 0, "num_examples": 0, "estimated_tokens": 0, "eta_s": 0.0}
-    for job_id, row in zip(ids, rows):
-        if row is None:
-            continue
-        rec = json.loads(row)
+    for rec in records:
+        job_id = rec.pop("id")
         tokens = int(rec["estimated_tokens"] or 0)
         duration = tokens / max(throughput_of(rec["hero_id"]), 1e-9)
         cumulative += duration / max(workers, 1)
@@ -51,3 +55,14 @@ def hero_throughput(guild_home, gpu: bool = False):
         return cache[hero_id]
 
     return throughput_of
+
+
+def plan_submission(settings, store, request, throughput_of) -> dict[str, Any]:
+    """The plan as it would be after ``request`` (validated like a real submission); enqueues nothing."""
+    from jobs.submit import check_files, resolve_campaign
+
+    hero, _existing, campaign, _config = resolve_campaign(settings, request.hero_id, request.campaign, request.sets)
+    extra = [{"id": f"(new) {f.path}", "priority": request.priority, "num_examples": f.num_examples,
+              "estimated_tokens": f.estimated_tokens, "hero_id": hero.id, "campaign_id": campaign,
+              "created_at": None, "new": True} for f in check_files(request.paths)]
+    return build_plan(store, throughput_of, extra=extra)

@@ -34,6 +34,7 @@ class SubmitRequest:
     campaign: str | None = None
     sets: dict[str, str] = field(default_factory=dict)
     force: bool = False
+    preempt: bool = False  # a high job may make a low job step aside when every worker is busy with low jobs
 
 
 @dataclass
@@ -72,11 +73,11 @@ def check_files(paths: list[str]) -> list[CheckedFile]:
 
 
 def resolve_campaign(settings: Settings, hero_id: str | None, campaign_name: str | None,
-                     sets: dict[str, str], create: bool = True) -> tuple[object, Campaign | None, str]:
-    """The hero and campaign a submission goes to; the campaign is created (not yet written) when missing.
+                     sets: dict[str, str]) -> tuple[object, Campaign | None, str, object]:
+    """The hero and campaign a submission goes to (the campaign is not created here), and the resolved config.
 
     Returns:
-        (hero, existing campaign or None, campaign name).
+        (hero, existing campaign or None, campaign name, resolved TrainerConfig).
     """
     store = CampaignStore(settings.guild_home)
     existing = None
@@ -93,8 +94,8 @@ def resolve_campaign(settings: Settings, hero_id: str | None, campaign_name: str
     if existing is None and store.exists(name):
         existing = store.get(name)
     # Resolve the whole config now: a bad --set or config.json fails the batch before anything is queued.
-    resolve_job_config(settings.guild_home, hero, existing.config_overrides if existing else None, sets)
-    return hero, existing, name
+    resolved = resolve_job_config(settings.guild_home, hero, existing.config_overrides if existing else None, sets)
+    return hero, existing, name, resolved.config
 
 
 def ensure_campaign(settings: Settings, hero, existing: Campaign | None, name: str) -> Campaign:
@@ -124,7 +125,8 @@ def submit(settings: Settings, store: JobStore, request: SubmitRequest, publish)
     """
     if request.priority not in PRIORITIES:
         raise ConfigError([f"--priority {request.priority!r}: use one of {', '.join(PRIORITIES)}"])
-    hero, existing, campaign_name = resolve_campaign(settings, request.hero_id, request.campaign, request.sets)
+    hero, existing, campaign_name, config = resolve_campaign(settings, request.hero_id, request.campaign,
+                                                             request.sets)
     files = check_files(request.paths)
     _refuse_duplicates(store, files, request.force)
     campaign = ensure_campaign(settings, hero, existing, campaign_name)
@@ -146,6 +148,12 @@ def submit(settings: Settings, store: JobStore, request: SubmitRequest, publish)
         publish(job.id, job.priority)
     with CampaignStore(settings.guild_home).edit(campaign.id) as c:
         c.job_ids.extend(j.id for j in created if j.id not in c.job_ids)
+    if request.priority == "high" and (request.preempt or config.queue.preempt_low):
+        from jobs.control import preempt_low_if_needed
+
+        preempted = preempt_low_if_needed(store, settings.heartbeat_stale_s)
+        if preempted:
+            logger.warning("preempting low job %s for %s", preempted, created[0].id)
     return created
 
 

@@ -28,6 +28,16 @@ from jobs.job import JobStatus, utc_now
 from jobs.store import JobStore
 
 logger = logging.getLogger(__name__)
+RETRY_BASE_DELAY_S = 5.0
+RETRY_MAX_DELAY_S = 300.0
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Failures worth another attempt: the GPU ran out of memory, Redis blipped, a file system hiccup."""
+    if isinstance(exc, (redis.ConnectionError, redis.TimeoutError, ConnectionError, TimeoutError)):
+        return True
+    name = type(exc).__name__
+    return name in ("OutOfMemoryError",) or "CUDA out of memory" in str(exc) or "CUDA error" in str(exc)
 
 
 @dataclass
@@ -103,6 +113,11 @@ class JobRunner:
         # ---- one campaign, one worker, in queue order -----------------------------------------------------
         # A job may start only when it is the first queued job of its campaign and it holds the campaign lock;
         # otherwise it goes back to its queue after a short pause, so this worker can take other campaigns' jobs.
+        retry_at = self.store.runtime(job_id).get("retry_at")
+        if job.status == JobStatus.QUEUED and retry_at and retry_at > time.time():
+            time.sleep(min(keys.DEFAULT_DEFER_DELAY_S, retry_at - time.time()))
+            republish(job_id, job.priority)
+            return Outcome("deferred", "waiting for its retry backoff")
         if job.status == JobStatus.QUEUED and not self._is_campaign_head(job.campaign_id, job_id):
             time.sleep(keys.DEFAULT_DEFER_DELAY_S)
             republish(job_id, job.priority)
@@ -134,7 +149,6 @@ class JobRunner:
 
     def _train(self, job, lock: CampaignLock, republish) -> Outcome:
         from engine.errors import DatasetInvalid
-
         from tasks.sweeper import max_attempts_of
 
         if job.attempts > max_attempts_of(job):
@@ -176,6 +190,8 @@ class JobRunner:
         except Exception as exc:  # noqa: BLE001 - any crash of the engine becomes the job's error, with traceback
             text = f"{type(exc).__name__}: {exc}"
             logger.exception("job %s crashed", job.id)
+            if is_transient(exc) and self._retry_later(job, text, republish):
+                return Outcome("requeued", f"transient: {text}")
             self._fail(job, text, traceback.format_exc())
             return Outcome("failed", text)
         finally:
@@ -186,7 +202,6 @@ class JobRunner:
     def _prepare(self, job) -> dict[str, Any]:
         """Resolve hero, campaign, config and locked block; find where training resumes from."""
         from engine.checkpoint import latest_checkpoint, read_checkpoint_state
-
         from heroes.materialise import ensure_model
         from heroes.profile import load_hero
 
@@ -236,13 +251,30 @@ class JobRunner:
             if control.reason == "cancel":
                 self.store.transition(job.id, JobStatus.CANCELLED, reason="cancelled while running", fields=fields)
                 return Outcome("cancelled")
-            fields.pop("finished_at")
+            # Paused or preempted: back to the head of its queue, resuming from the checkpoint just written.
+            # It did not fail, so this attempt does not count against queue.max_attempts.
+            fields["finished_at"] = None
             self.store.transition(job.id, JobStatus.QUEUED, reason=f"stopped ({control.reason}); resumes from "
-                                  f"step {result.final_step}", fields={**fields, "finished_at": None})
-            republish(job.id, job.priority)
+                                  f"step {result.final_step}", fields=fields,
+                                  update=lambda j: {"attempts": max(j.attempts - 1, 0)})
+            republish(job.id, job.priority, at_head=True)
             return Outcome("requeued", control.reason or "stopped")
         self._fail(job, result.error or "training failed", fields=fields)
         return Outcome("failed", result.error or "")
+
+    def _retry_later(self, job, text: str, republish) -> bool:
+        """Requeue after a transient failure with exponential backoff; False once max_attempts is used up."""
+        from tasks.sweeper import max_attempts_of
+
+        current = self.store.get(job.id)
+        if current.attempts >= max_attempts_of(current):
+            return False
+        delay = min(RETRY_BASE_DELAY_S * 2 ** (current.attempts - 1), RETRY_MAX_DELAY_S)
+        self.store.transition(job.id, JobStatus.QUEUED, reason=f"attempt {current.attempts} failed ({text[:300]}); "
+                              f"retry in {delay:.0f} s", fields={"last_error": text, "progress": None,
+                                                                  "retry_at": time.time() + delay})
+        republish(job.id, job.priority)
+        return True
 
     def _fail(self, job, text: str, tb: str | None = None, fields: dict | None = None) -> None:
         fields = dict(fields or {})

@@ -8,6 +8,7 @@ import redis
 from celery.signals import worker_ready, worker_shutdown
 
 from config.settings import get_settings
+from jobs import keys
 from jobs.store import JobStore
 from tasks.sweeper import Sweeper
 
@@ -24,7 +25,8 @@ def start_sweeper(sender=None, **_kwargs) -> None:
     settings = get_settings()
     store = JobStore(redis.Redis.from_url(settings.redis_url), settings.guild_home)
     _sweeper = Sweeper(store, settings.heartbeat_stale_s, settings.sweep_interval_s,
-                       lambda job_id, priority: publish_job(app, job_id, priority))
+                       lambda job_id, priority: publish_job(app, job_id, priority),
+                       worker_name=getattr(sender, "hostname", "") or "")
     _sweeper.start()
     logger.info("lost-job sweeper started (stale after %.0f s)", settings.heartbeat_stale_s)
 
@@ -33,3 +35,8 @@ def start_sweeper(sender=None, **_kwargs) -> None:
 def stop_sweeper(**_kwargs) -> None:
     if _sweeper is not None:
         _sweeper.stop()
+        if _sweeper.worker_name:
+            try:
+                _sweeper.store.redis.hdel(keys.WORKERS, _sweeper.worker_name)
+            except redis.RedisError:
+                pass

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 
 import redis
 
 from config.errors import GuildError
+from jobs import keys
 from jobs.job import JobStatus, utc_now
 from jobs.store import JobStore
 
@@ -53,14 +55,17 @@ def sweep_once(store: JobStore, stale_after_s: float, republish) -> list[str]:
 class Sweeper(threading.Thread):
     """Runs :func:`sweep_once` every ``interval_s`` in the worker's main process."""
 
-    def __init__(self, store: JobStore, stale_after_s: float, interval_s: float, republish):
+    def __init__(self, store: JobStore, stale_after_s: float, interval_s: float, republish, worker_name: str = ""):
         super().__init__(daemon=True, name="guild-sweeper")
         self.store, self.stale_after_s, self.interval_s, self.republish = store, stale_after_s, interval_s, republish
+        self.worker_name = worker_name
         self._stop_event = threading.Event()
 
     def run(self) -> None:
         while True:
             try:
+                if self.worker_name:  # a sign of life, for preemption and `doctor`
+                    self.store.redis.hset(keys.WORKERS, self.worker_name, time.time())
                 for job_id in sweep_once(self.store, self.stale_after_s, self.republish):
                     logger.warning("recovered job %s from a lost worker", job_id)
             except redis.RedisError as exc:

@@ -57,7 +57,7 @@ class _ProgressEvents:
 def train_job(self, job_id: str) -> dict:
     """Train the dataset of job ``job_id``; the Job record in Redis says everything about it."""
     runner = _get_runner(self.request.hostname or "worker")
-    outcome = runner.run(job_id, republish=lambda jid, prio: publish_job(app, jid, prio),
+    outcome = runner.run(job_id, republish=lambda jid, prio, at_head=False: publish_job(app, jid, prio, at_head),
                          emit=_ProgressEvents(self).emit)
     logger.info("job %s: %s %s", job_id, outcome.action, outcome.detail)
     return {"job_id": job_id, "action": outcome.action, "detail": outcome.detail}

@@ -1,0 +1,145 @@
+"""Shared pieces of the reliability scenarios (tests/test_reliability_*.py): datasets, waits, figures.
+
+The scenarios drive real processes (redis-server, Celery workers, CLIs) and kill them by pid. Each one prints
+its figures and appends them to ``test-artifacts/reliability/figures.jsonl``; RELIABILITY.md keeps the table.
+
+Run as a module, this file is also the in-process enqueue loop of the Redis-kill scenario
+(``python -m tests.reliability_helpers produce DIR``): it must run in a fresh process, because the Celery app
+reads its broker URL once, at import.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from tests.services import REPO, wait_until
+
+FIGURES = REPO / "test-artifacts" / "reliability" / "figures.jsonl"
+FINAL = ("completed", "failed", "skipped", "cancelled")
+
+# A short job on the tiny hero: checkpoints every 3 steps, no evaluation, 128-token rows.
+SHORT_JOB = ["--set", "max_steps=20", "--set", "save_steps=3", "--set", "max_length=128",
+             "--set", "eval_fraction=0"]
+
+
+# ------------------------------------------------------------------------------------------------- figures
+
+
+def record_figure(scenario: str, **figures) -> dict:
+    """Print one scenario's figures and append them (with the time) to the figures file."""
+    entry = {"scenario": scenario, "at": datetime.now(timezone.utc).isoformat(timespec="seconds"), **figures}
+    print(f"\nRELIABILITY {scenario}: {json.dumps(figures, sort_keys=True)}", flush=True)
+    FIGURES.parent.mkdir(parents=True, exist_ok=True)
+    with open(FIGURES, "a", encoding="utf-8") as f:
+        f.write(json.dumps(entry, sort_keys=True) + "\n")
+    return entry
+
+
+# ------------------------------------------------------------------------------------------------ datasets
+
+
+def write_dataset(path: Path, tag: str, lines: int = 12, fmt: str = "prompt_response") -> Path:
+    """A small valid dataset whose content depends on ``tag`` (so each tag is a distinct sha256)."""
+    rng = random.Random(tag)
+    rows = []
+    for i in range(lines):
+        a, b = rng.randint(10, 999), rng.randint(10, 999)
+        if fmt == "messages":
+            rows.append({"messages": [{"role": "user", "content": f"[{tag}] {a} + {b}?"},
+                                      {"role": "assistant", "content": f"{a + b}"}]})
+        elif fmt == "text":
+            rows.append({"text": f"[{tag}] {a} plus {b} is {a + b}."})
+        else:
+            rows.append({"prompt": f"[{tag}] What is {a} + {b}?", "response": f"{a} + {b} = {a + b}."})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+# --------------------------------------------------------------------------------------------------- jobs
+
+
+def enqueue_ids(run_cli, *args: str, extra_env: dict | None = None, timeout: float = 120) -> list[str]:
+    """``python -m enqueue ARGS --json``; the ids of the jobs it reports as queued (asserts exit 0)."""
+    out = run_cli("enqueue", *args, "--json", extra_env=extra_env, timeout=timeout)
+    assert out.returncode == 0, out.stderr
+    return [j["id"] for j in json.loads(out.stdout)]
+
+
+def wait_final(store, job_ids: list[str], timeout_s: float = 120):
+    """Wait until every job is in a final state; return the Jobs."""
+
+    def done():
+        jobs = [store.get(i) for i in job_ids]
+        return jobs if all(j.status.value in FINAL for j in jobs) else None
+
+    return wait_until(done, timeout_s, interval_s=0.2, what=f"jobs {job_ids} to finish")
+
+
+def queue_messages(client, queue: str) -> list[dict]:
+    """The Celery messages waiting in one kombu queue list, decoded (headers hold the task id)."""
+    return [json.loads(raw) for raw in client.lrange(queue, 0, -1)]
+
+
+def queued_task_ids(client, queues=("high", "normal", "low")) -> list[str]:
+    """Task ids (= job ids) of every message waiting in the queue lists, duplicates kept."""
+    return [m["headers"]["id"] for q in queues for m in queue_messages(client, q)]
+
+
+def no_traceback(text: str) -> bool:
+    return "Traceback (most recent call last)" not in text
+
+
+# --------------------------------------------------------------------------------------- the enqueue loop
+
+
+def produce(directory: Path, pause_s: float = 0.0) -> int:
+    """Enqueue every ``*.jsonl`` of ``directory`` (sorted) one by one through :func:`jobs.submit.submit`.
+
+    Prints ``QUEUED <job id>`` (flushed) after each submit returns, i.e. once the job is reported as queued,
+    and ``ERROR <text>`` then exits 1 at the first failure (Redis killed under it).
+    """
+    import redis
+
+    from config.settings import get_settings
+    from jobs.store import JobStore
+    from jobs.submit import SubmitRequest, submit
+    from tasks.app import app
+    from tasks.publish import publish_job
+
+    settings = get_settings()
+    store = JobStore(redis.Redis.from_url(settings.redis_url, socket_connect_timeout=2, socket_timeout=5),
+                     settings.guild_home)
+    # Fail fast once Redis is gone rather than retrying the publish for a second.
+    app.conf.task_publish_retry = False
+    publish = lambda job_id, priority: publish_job(app, job_id, priority)  # noqa: E731
+    paths = sorted(directory.glob("*.jsonl"))
+    for path in paths:
+        try:
+            [job] = submit(settings, store, SubmitRequest(paths=[str(path)], campaign="rk"), publish)
+        except Exception as exc:  # noqa: BLE001 - the point is to stop at the first failure, whatever it is
+            print(f"ERROR {type(exc).__name__}: {exc}", flush=True)
+            return 1
+        print(f"QUEUED {job.id}", flush=True)
+        if pause_s:
+            time.sleep(pause_s)
+    print("DONE", flush=True)
+    return 0
+
+
+def _main(argv: list[str]) -> int:
+    if len(argv) >= 2 and argv[0] == "produce":
+        return produce(Path(argv[1]), float(argv[2]) if len(argv) > 2 else 0.0)
+    print("usage: python -m tests.reliability_helpers produce DIR [PAUSE_S]", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    sys.exit(_main(sys.argv[1:]))

@@ -1,0 +1,115 @@
+"""TrainerEngine.run_job end to end on the tiny hero: it learns, reports every step, validates, and goes from
+one job of a campaign to the next without a pause."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from engine.errors import DatasetInvalid, ModelLoadError
+from engine.formats import Example
+from engine.trainer import TrainerEngine
+from tests.engine_fixtures import CHAT_SMALL, REPO, chat_examples, small_config
+
+
+@pytest.mark.slow
+def test_loss_goes_down_over_two_epochs(tiny_hero_dir, tmp_path):
+    config = small_config(max_length=256, batch_size=4, max_steps=0, epochs=2.0, warmup_steps=5, save_steps=1000,
+                          eval_fraction=0.05, eval_max_examples=20)
+    dataset = tmp_path / "half.jsonl"  # half of chat_small, as a file: two epochs in a few seconds
+    dataset.write_text("".join(CHAT_SMALL.read_text().splitlines(keepends=True)[:120]))
+    calls = []
+    result = TrainerEngine().run_job(dataset, config, lambda *a: calls.append(a),
+                                     model_path=str(tiny_hero_dir), checkpoint_dir=tmp_path / "ckpt", run_id="learn")
+    assert result.status == "completed" and result.error is None
+    losses = [loss for _, loss in result.loss_history]
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 2.0
+    assert result.final_val_loss is not None and result.final_val_loss < losses[0] - 2.0
+    assert (result.num_examples, result.num_val_examples, result.num_train_examples) == (120, 6, 114)
+    assert result.num_dropped == 0 and result.num_truncated > 0
+    assert result.checkpoint_path == str(tmp_path / "ckpt" / f"step-{result.final_step:05d}")
+
+    # on_progress after every step, with sane values.
+    assert [c[0] for c in calls] == list(range(1, result.total_steps + 1))
+    for step, total, loss, lr, tokens_per_sec, eta_s in calls:
+        assert total == result.total_steps and loss > 0 and 0 < lr <= 2e-3 and tokens_per_sec > 0 and eta_s >= 0
+    assert calls[-1][5] == 0
+    assert result.trained_tokens > 0 and result.tokens_per_sec > 0
+
+
+def test_validation_every_eval_steps_and_at_the_end(tiny_hero_dir, tmp_path):
+    result = TrainerEngine().run_job(chat_examples(), small_config(max_steps=4, eval_steps=2), None, None,
+                                     model_path=str(tiny_hero_dir), checkpoint_dir=tmp_path, run_id="val")
+    assert [step for step, _ in result.val_history] == [2, 4]
+    assert result.final_val_loss == result.val_history[-1][1]
+    assert result.num_val_examples == 2
+
+
+def test_packing_switch_overrides_the_config(tiny_hero_dir, tmp_path):
+    engine = TrainerEngine()
+    config = small_config(max_steps=2)
+    packed = engine.prepare(chat_examples(), config, model_path=str(tiny_hero_dir))
+    unpacked = engine.prepare(chat_examples(), config, model_path=str(tiny_hero_dir), enable_packing=False)
+    assert packed.packed and not unpacked.packed
+    assert len(unpacked.rows) == len(unpacked.train) > len(packed.rows)
+    result = engine.run_job(chat_examples(), config, model_path=str(tiny_hero_dir), checkpoint_dir=tmp_path,
+                            run_id="nopack", enable_packing=False)
+    assert result.status == "completed" and result.final_val_loss is not None
+
+
+@pytest.mark.slow
+def test_next_job_of_a_campaign_starts_within_a_second(tiny_hero_dir, tmp_path):
+    """Warm model, next dataset prepared on a background thread while the first job trains."""
+    config = small_config(max_length=256, batch_size=4, max_steps=5, save_steps=1000, eval_max_examples=20)
+    engine = TrainerEngine()
+    engine.prepare(chat_examples(0, 120), config, model_path=str(tiny_hero_dir))
+    background = threading.Thread(target=engine.prepare, args=(chat_examples(120, 120), config),
+                                  kwargs={"model_path": str(tiny_hero_dir)})
+    background.start()
+    job1 = engine.run_job(chat_examples(0, 120), config, model_path=str(tiny_hero_dir),
+                          checkpoint_dir=tmp_path / "job1", run_id="job1")
+    returned = time.perf_counter()
+    background.join()
+    called = time.perf_counter()
+    job2 = engine.run_job(chat_examples(120, 120), config, model_path=str(tiny_hero_dir),
+                          checkpoint_dir=tmp_path / "job2", resume_from=job1.checkpoint_path, run_id="job2")
+    gap = job1.teardown_s + (called - returned) + job2.setup_s
+    logging.getLogger(__name__).info("inter-job gap %.3f s (teardown %.3f, setup %.3f)", gap, job1.teardown_s,
+                                     job2.setup_s)
+    assert job2.start_step == job1.final_step == 5 and job2.status == "completed"
+    assert gap <= 1.0, f"gap {gap:.2f} s: teardown {job1.teardown_s:.2f} s, setup {job2.setup_s:.2f} s"
+
+
+def test_verbose_logs_every_step(tiny_hero_dir, tmp_path, caplog):
+    with caplog.at_level(logging.INFO, logger="engine.trainer"):
+        TrainerEngine(verbose=True).run_job(chat_examples(), small_config(max_steps=3), None, None,
+                                            model_path=str(tiny_hero_dir), checkpoint_dir=tmp_path, run_id="v")
+    steps = [r.getMessage() for r in caplog.records if " step " in r.getMessage() and "loss" in r.getMessage()]
+    assert len(steps) == 3
+
+
+def test_unusable_data_raises_dataset_invalid(tiny_hero_dir, tmp_path):
+    long_prompt = Example("messages", 1, messages=(("user", "context " * 200), ("assistant", "Short.")))
+    with pytest.raises(DatasetInvalid):
+        TrainerEngine().run_job([long_prompt] * 3, small_config(max_length=32), model_path=str(tiny_hero_dir),
+                                checkpoint_dir=tmp_path, run_id="bad")
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n')
+    with pytest.raises(DatasetInvalid, match="broken.jsonl:1"):
+        TrainerEngine().run_job(broken, small_config(), model_path=str(tiny_hero_dir), checkpoint_dir=tmp_path)
+
+
+def test_missing_model_raises_model_load_error(tmp_path):
+    with pytest.raises(ModelLoadError):
+        TrainerEngine().run_job(chat_examples(), small_config(), model_path=str(tmp_path / "nope"),
+                                checkpoint_dir=tmp_path / "ckpt")
+
+
+def test_importing_engine_does_not_import_torch():
+    code = "import sys, engine, engine.formats; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
