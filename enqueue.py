@@ -91,7 +91,8 @@ def _print_plan(plan: dict, as_json: bool) -> None:
         print(f"{mark}{n:>4}  {j['id'][:56]:56} {j['priority']:7} {j['num_examples']:>7} ex "
               f"{j['estimated_tokens']:>9} tok  eta {j['eta_s']:>8.0f}s")
     t = plan["totals"]
-    print(f"total: {t['jobs']} jobs, {t['estimated_tokens']} tokens, done in about {t['eta_s']:.0f} s (nothing enqueued)")
+    print(f"total: {t['jobs']} jobs, {t['estimated_tokens']} tokens, done in about {t['eta_s']:.0f} s "
+          "(nothing enqueued)")
 
 
 def _names_a_file(line: str, files: list[str]) -> bool:

@@ -21,6 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     show = sub.add_parser("show")
     show.add_argument("name")
     show.add_argument("--json", action="store_true")
+    show.add_argument("--plot", action="store_true", help="write the campaign's cumulative loss curve (PNG)")
     args = p.parse_args(argv)
     try:
         from campaigns.campaign import CampaignStore
@@ -49,6 +50,8 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"{c.id:24} {c.hero_id:16} step {c.current_step:<8} jobs {len(c.job_ids):<5} {c.status}")
             return 0
         campaign = store.get(args.name)
+        if args.plot:
+            print(f"loss plot: {_write_plot(settings, store, campaign)}")
         if args.json:
             print(json.dumps(campaign.to_dict(), indent=2))
         else:
@@ -59,6 +62,19 @@ def main(argv: list[str] | None = None) -> int:
         for line in str(exc).splitlines():
             print(f"error: {line}", file=sys.stderr)
         return 2
+
+
+def _write_plot(settings, store, campaign):
+    import redis
+
+    from jobs.plots import write_campaign_plot
+    from jobs.store import JobStore
+
+    jobs = JobStore(redis.Redis.from_url(settings.redis_url), settings.guild_home).get_many(campaign.job_ids)
+    records = [{"id": j.id, "loss_history": j.metadata.get("loss_history") or [],
+                "val_history": j.metadata.get("val_history") or []} for j in jobs if j.status.value == "completed"]
+    path = store.directory(campaign.hero_id, campaign.id) / "plots" / "campaign.png"
+    return write_campaign_plot(path, records)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,8 @@ from jobs.job import ACTIVE, FIELDS, Job, JobStatus, check_transition, utc_now
 logger = logging.getLogger(__name__)
 
 SUMMARY_FIELDS = ("priority", "num_examples", "estimated_tokens", "hero_id", "campaign_id", "created_at")
-_RUNTIME_FIELDS = ("worker", "heartbeat_at", "retry_at")  # kept in the hash beside the Job fields, not part of the record
+# kept in the hash beside the Job fields, not part of the record
+_RUNTIME_FIELDS = ("worker", "heartbeat_at", "retry_at")
 
 
 def _encode(value: Any) -> str:

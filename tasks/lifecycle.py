@@ -169,10 +169,15 @@ class JobRunner:
             def on_progress(step, total_steps, loss, lr, tokens_per_sec, eta_s):
                 beat.progress = {"step": step, "total_steps": total_steps, "loss": loss, "lr": lr,
                                  "tokens_per_sec": tokens_per_sec, "eta_s": eta_s, "updated_at": time.time()}
+                tracker.log({"train/loss": loss, "train/lr": lr, "train/tokens_per_sec": tokens_per_sec}, step)
                 self.store.heartbeat(job.id, beat.progress)
                 if self._emit is not None:
                     self._emit(beat.progress)
 
+            from tasks.tracking import CampaignTracker
+
+            tracker = CampaignTracker(plan["checkpoint_dir"].parent.parent, job.id)
+            plan["tracker"] = tracker
             control = _StopCheck(self.store, job.id, beat)
             result = self.engine.run_job(
                 plan["dataset_path"], plan["config"], on_progress, control.should_stop,
@@ -228,6 +233,10 @@ class JobRunner:
     # ------------------------------------------------------------------------------------------- endings
 
     def _finish(self, job, plan, result, control: _StopCheck, republish) -> Outcome:
+        for step, val_loss in result.val_history:
+            plan["tracker"].log({"val/loss": val_loss}, step)
+        plan["tracker"].close()
+        artifacts = self._write_plots(job, plan, result)
         fields = {"final_step": result.final_step, "final_loss": result.final_loss,
                   "final_val_loss": result.final_val_loss, "trained_tokens": result.trained_tokens,
                   "tokens_per_sec": result.tokens_per_sec, "start_step": result.start_step,
@@ -235,7 +244,8 @@ class JobRunner:
         meta = {**self.store.get(job.id).metadata, "checkpoint": result.checkpoint_path,
                 "num_truncated": result.num_truncated, "num_dropped": result.num_dropped,
                 "num_train_examples": result.num_train_examples, "num_val_examples": result.num_val_examples,
-                "loss_history": result.loss_history[-2000:], "val_history": result.val_history}
+                "loss_history": result.loss_history[-2000:], "val_history": result.val_history,
+                "artifacts": artifacts}
         fields["metadata"] = meta
         if result.status == "completed":
             with self.campaigns.edit(job.campaign_id) as campaign:
@@ -261,6 +271,19 @@ class JobRunner:
             return Outcome("requeued", control.reason or "stopped")
         self._fail(job, result.error or "training failed", fields=fields)
         return Outcome("failed", result.error or "")
+
+    def _write_plots(self, job, plan, result) -> dict[str, str]:
+        """The job's loss curve as a PNG beside the campaign's checkpoints."""
+        try:
+            from jobs.plots import write_loss_plot
+
+            campaign_dir = plan["checkpoint_dir"].parent.parent
+            path = campaign_dir / "plots" / f"{plan['checkpoint_dir'].name}.png"
+            write_loss_plot(path, result.loss_history, result.val_history, title=f"{job.id} ({job.campaign_id})")
+            return {"loss_plot": str(path)}
+        except Exception as exc:  # noqa: BLE001 - a plot must never fail a trained job
+            logger.warning("job %s: no loss plot: %s", job.id, exc)
+            return {}
 
     def _retry_later(self, job, text: str, republish) -> bool:
         """Requeue after a transient failure with exponential backoff; False once max_attempts is used up."""

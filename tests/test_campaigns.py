@@ -72,15 +72,15 @@ def test_two_workers_one_campaign_never_overlap(run_cli, start_worker, store, tm
     ids = []
     for i in range(3):
         path = tmp_path / f"a{i}.jsonl"
-        path.write_text((EXAMPLES / "messages.jsonl").read_text() + json.dumps(
-            {"messages": [{"role": "user", "content": f"variant {i}?"}, {"role": "assistant", "content": "yes"}]}) + "\n")
+        extra = {"messages": [{"role": "user", "content": f"variant {i}?"}, {"role": "assistant", "content": "yes"}]}
+        path.write_text((EXAMPLES / "messages.jsonl").read_text() + json.dumps(extra) + "\n")
         ids += _enqueue(run_cli, str(path), "--campaign", "shared", *sets)
     [other] = _enqueue(run_cli, str(EXAMPLES / "text.jsonl"), "--campaign", "other", *sets)
     jobs = _wait_final(store, ids + [other], timeout_s=300)
     assert all(j.status.value == "completed" for j in jobs), [j.last_error for j in jobs]
     shared, lone = jobs[:3], jobs[3]
     spans = [(datetime.fromisoformat(j.started_at), datetime.fromisoformat(j.finished_at)) for j in shared]
-    for (s1, e1), (s2, e2) in zip(spans, spans[1:]):
+    for (_, e1), (s2, _) in zip(spans, spans[1:]):
         assert s2 >= e1, "two jobs of one campaign ran at once"
     assert [j.start_step for j in shared] == [0, 12, 24]  # queue order kept inside the campaign
     workers = {store.runtime(j.id)["worker"] for j in jobs}
