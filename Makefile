@@ -5,7 +5,7 @@ export GUILD_HOME ?= $(CURDIR)/var
 GPU ?= 0
 STAMP := .venv/.installed
 
-.PHONY: venv up down demo worker flower test test-fast lint bench doctor clean
+.PHONY: venv up down demo worker flower test test-fast lint bench doctor clean chromium
 
 # ---- install: CPU torch where there is no NVIDIA GPU, the normal (CUDA) build where there is -------------
 $(STAMP): pyproject.toml
@@ -47,7 +47,15 @@ doctor: $(STAMP)
 	@$(PY) -m doctor
 
 # ---- checks ---------------------------------------------------------------------------------------------
-test: $(STAMP)
+# ---- headless Chromium for tests/test_flower.py's browser check (skipped, not failed, without it) ---------
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing chromium for the Flower browser test"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	  else echo "no chromium (install: apt-get install -y chromium): the Flower browser test will be skipped"; fi; }
+
+test: $(STAMP) chromium
 	$(PY) -m pytest -q
 
 test-fast: $(STAMP)

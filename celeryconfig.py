@@ -3,6 +3,8 @@
 Long training jobs on GPU-pinned workers: late acks, one message reserved at a time, strict queue order.
 """
 
+from kombu import Exchange, Queue
+
 from config.settings import get_settings
 from jobs.keys import DEFAULT_VISIBILITY_TIMEOUT_S, PRIORITIES
 
@@ -22,7 +24,8 @@ task_acks_late = True
 task_reject_on_worker_lost = True
 worker_prefetch_multiplier = 1
 worker_concurrency = 1  # one job per GPU; run one worker per GPU
-task_queues_names = PRIORITIES
+# Declared (not only created on first use) so that monitors such as Flower know all three without asking a worker.
+task_queues = [Queue(name, Exchange(name), routing_key=name) for name in PRIORITIES]
 task_default_queue = "normal"
 task_create_missing_queues = True
 

@@ -33,8 +33,17 @@ def _is_loopback(address):
 
 _settings = get_settings()
 # Flower binds all interfaces when no address is given; Guild's default is loopback.
-address = _address_from_argv(sys.argv) or _settings.flower_address or "127.0.0.1"
+_explicit = _address_from_argv(sys.argv)  # "--address=" (empty) is Flower's "all interfaces", not a default
+address = _explicit if _explicit is not None else (_settings.flower_address or "127.0.0.1")
 if not _is_loopback(address) and not _settings.flower_basic_auth:
     sys.stderr.write(f"error: refusing to start Flower on {address or 'all interfaces'} without authentication; "
                      "set FLOWER_BASIC_AUTH=user:password (or bind to 127.0.0.1)\n")
     sys.exit(2)
+
+if _settings.flower_basic_auth:
+    # Flower serves /metrics without authentication by design (flower#1129); task names and worker hosts are not
+    # for anyone who can reach the port, so with auth on, /metrics asks for it too.
+    from flower.views.monitor import Metrics as _Metrics
+    from tornado.web import authenticated as _authenticated
+
+    _Metrics.get = _authenticated(_Metrics.get)

@@ -166,7 +166,14 @@ class JobRunner:
                                         "resume_from": str(plan["resume_from"]) if plan["resume_from"] else None})
             started = time.time()
 
+            prefetch = {"started": False}
+
             def on_progress(step, total_steps, loss, lr, tokens_per_sec, eta_s):
+                if not prefetch["started"]:
+                    # Only once training runs: by then the model and tokenizer modules are imported, and
+                    # transformers' lazy imports are not thread-safe.
+                    prefetch["started"] = True
+                    self._prepare_next_in_background(job)
                 beat.progress = {"step": step, "total_steps": total_steps, "loss": loss, "lr": lr,
                                  "tokens_per_sec": tokens_per_sec, "eta_s": eta_s, "updated_at": time.time()}
                 tracker.log({"train/loss": loss, "train/lr": lr, "train/tokens_per_sec": tokens_per_sec}, step)
@@ -229,6 +236,32 @@ class JobRunner:
         return {"config": config, "config_hash": config.config_hash(), "model_path": model_path,
                 "checkpoint_dir": checkpoint_root / job.id, "resume_from": resume_from, "start_step": start_step,
                 "dataset_path": job.dataset_path, "campaign": campaign}
+
+    def _prepare_next_in_background(self, job) -> None:
+        """Tokenise and pack the campaign's next queued job while this one trains, so the next starts at once.
+
+        The next job of a campaign usually lands on this worker (it holds the warm model); if it lands
+        elsewhere, the work here was only wasted, never wrong.
+        """
+        pending = [i.decode() for i in self.store.redis.zrange(keys.CAMPAIGN_PENDING.format(id=job.campaign_id),
+                                                               0, -1)]
+        upcoming = [i for i in pending if i != job.id]
+        if not upcoming:
+            return
+
+        def prepare() -> None:
+            try:
+                nxt = self.store.get(upcoming[0])
+                if nxt.status != JobStatus.QUEUED:
+                    return
+                plan = self._prepare(nxt)
+                self.engine.prepare(nxt.dataset_path, plan["config"], model_path=plan["model_path"],
+                                    enable_packing=self.settings.enable_packing)
+                logger.info("job %s: data of the next job %s prepared", job.id, nxt.id)
+            except Exception as exc:  # noqa: BLE001 - an optimisation only; the job prepares its own data
+                logger.info("job %s: next job not prepared ahead: %s", job.id, exc)
+
+        threading.Thread(target=prepare, daemon=True, name=f"prepare-after-{job.id}").start()
 
     # ------------------------------------------------------------------------------------------- endings
 

@@ -30,7 +30,8 @@ class _ProgressEvents:
 
     Flower builds its task view from events: a custom event type becomes the task's state (PROGRESS) and its
     fields are merged into the task, so ``result`` carries a one-line summary that Flower's task page and
-    task list show while the job runs, and the other fields are there for its API.
+    task list show while the job runs. The structured fields (step, loss, ...) are for other event consumers
+    (``celery events``, a custom receiver): Flower's pages and API show only Celery's standard task fields.
     """
 
     def __init__(self, task, min_interval_s: float = 1.0):

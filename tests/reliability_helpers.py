@@ -13,19 +13,20 @@ from __future__ import annotations
 import json
 import os
 import random
+import subprocess
 import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from tests.services import REPO, wait_until
+from tests.services import REPO, stop_pid, wait_until
 
 FIGURES = REPO / "test-artifacts" / "reliability" / "figures.jsonl"
 FINAL = ("completed", "failed", "skipped", "cancelled")
 
 # A short job on the tiny hero: checkpoints every 3 steps, no evaluation, 128-token rows.
-SHORT_JOB = ["--set", "max_steps=20", "--set", "save_steps=3", "--set", "max_length=128",
-             "--set", "eval_fraction=0"]
+SHORT_SETS = ["max_steps=20", "save_steps=3", "max_length=128", "eval_fraction=0"]
+SHORT_JOB = [arg for pair in SHORT_SETS for arg in ("--set", pair)]
 
 
 # ------------------------------------------------------------------------------------------------- figures
@@ -82,6 +83,37 @@ def wait_final(store, job_ids: list[str], timeout_s: float = 120):
     return wait_until(done, timeout_s, interval_s=0.2, what=f"jobs {job_ids} to finish")
 
 
+class Submitter:
+    """Enqueue through :func:`jobs.submit.submit` in this process: what ``python -m enqueue`` does, without its
+    second of interpreter start-up. Messages go out through a Celery app bound to ``broker_url`` (the project's
+    app reads its broker URL once, at import, so it is not used here)."""
+
+    def __init__(self, broker_url: str):
+        from celery import Celery
+
+        self.app = Celery("guild-reliability-tests", broker=broker_url, set_as_current=False)
+
+    def __call__(self, *paths, campaign: str | None = None, sets: list[str] = (), force: bool = False,
+                 priority: str = "normal") -> list[str]:
+        import redis
+
+        from config.layers import parse_set_args
+        from config.settings import get_settings
+        from jobs.store import JobStore
+        from jobs.submit import SubmitRequest, submit
+        from tasks.publish import publish_job
+
+        settings = get_settings()
+        store = JobStore(redis.Redis.from_url(settings.redis_url), settings.guild_home)
+        request = SubmitRequest(paths=[str(p) for p in paths], priority=priority, campaign=campaign,
+                                sets=parse_set_args(list(sets)), force=force)
+        jobs = submit(settings, store, request, lambda job_id, prio: publish_job(self.app, job_id, prio))
+        return [job.id for job in jobs]
+
+    def close(self) -> None:
+        self.app.close()
+
+
 def queue_messages(client, queue: str) -> list[dict]:
     """The Celery messages waiting in one kombu queue list, decoded (headers hold the task id)."""
     return [json.loads(raw) for raw in client.lrange(queue, 0, -1)]
@@ -94,6 +126,22 @@ def queued_task_ids(client, queues=("high", "normal", "low")) -> list[str]:
 
 def no_traceback(text: str) -> bool:
     return "Traceback (most recent call last)" not in text
+
+
+def run_clis_at_once(env: dict, calls: list[list[str]], timeout_s: float = 120) -> list[subprocess.CompletedProcess]:
+    """Start ``python -m ARGS`` for every call at the same time; wait for all (each stopped by pid on timeout)."""
+    procs = [subprocess.Popen([sys.executable, "-m", *call], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, start_new_session=True) for call in calls]
+    results = []
+    deadline = time.monotonic() + timeout_s
+    try:
+        for call, proc in zip(calls, procs):
+            out, err = proc.communicate(timeout=max(deadline - time.monotonic(), 1))
+            results.append(subprocess.CompletedProcess(call, proc.returncode, out, err))
+    finally:
+        for proc in procs:
+            stop_pid(proc)
+    return results
 
 
 # --------------------------------------------------------------------------------------- the enqueue loop
