@@ -1,0 +1,59 @@
+import json
+
+import pytest
+
+from heroes.errors import HeroError, UnknownHero
+from heroes.materialise import ensure_model
+from heroes.profile import load_hero, parse_profile
+
+
+def test_shipped_profiles_are_valid():
+    tiny = load_hero("tiny-qwen3")
+    assert tiny.architecture == "Qwen3ForCausalLM" and tiny.builder == "tiny-qwen3"
+    assert load_hero("dio-qwen3-0.6b").hf_name == "Qwen/Qwen3-0.6B"
+
+
+def test_broken_yaml_names_file_and_line():
+    with pytest.raises(HeroError, match=r"bad.yaml:3: invalid YAML"):
+        parse_profile("id: x\nname: [a, b\nmodel: {}\n", "bad.yaml")
+
+
+def test_bad_keys_all_named_together():
+    text = "id: x\nmodel: {hf_name: a, architecture: B, vocab_size: big, context_length: 8, colour: red}\nextra: 1\n"
+    with pytest.raises(HeroError) as info:
+        parse_profile(text, "h.yaml")
+    message = str(info.value)
+    assert "h.yaml: key 'model.vocab_size'" in message and "model.colour" in message and "'extra'" in message
+
+
+def test_unknown_hero_lists_known_ones():
+    with pytest.raises(UnknownHero, match="tiny-qwen3"):
+        load_hero("nope")
+    with pytest.raises(UnknownHero, match="not valid"):
+        load_hero("../../etc/passwd")
+
+
+def test_hub_hero_without_weights_says_how_to_get_them(tmp_path):
+    with pytest.raises(HeroError, match="huggingface-cli download Qwen/Qwen3-0.6B"):
+        ensure_model(load_hero("dio-qwen3-0.6b"), tmp_path)
+
+
+def test_tiny_hero_loads_with_from_pretrained(tiny_hero_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_hero_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_hero_dir)
+    params = sum(p.numel() for p in model.parameters())
+    assert 1_000_000 < params < 10_000_000
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
+                                         add_generation_prompt=True)
+    assert text.startswith("<|im_start|>user\nhi<|im_end|>") and text.endswith("<|im_start|>assistant\n")
+
+
+def test_heroes_cli_list_and_show(run_cli, guild_home):
+    out = run_cli("heroes", "list")
+    assert out.returncode == 0 and "tiny-qwen3" in out.stdout and "dio-qwen3-0.6b" in out.stdout
+    shown = json.loads(run_cli("heroes", "show", "tiny-qwen3", "--json").stdout)
+    assert shown["model_path"] == str(guild_home / "heroes" / "tiny-qwen3")
+    missing = run_cli("heroes", "show", "ghost")
+    assert missing.returncode == 2 and "ghost" in missing.stderr
