@@ -28,11 +28,13 @@ def job_table(jobs: list[Job]) -> str:
 def job_view(job: Job) -> str:
     lines = []
     for key, value in job.to_dict().items():
-        if key == "metadata":
+        if key in ("metadata", "artifacts"):
             continue
         lines.append(f"{key + ':':18} {_fmt(value)}")
     meta = job.metadata or {}
-    for key in ("checkpoint", "source_path", "num_truncated", "num_dropped", "artifacts"):
+    for key, value in (job.artifacts or {}).items():
+        lines.append(f"{key + ':':18} {value}")
+    for key in ("checkpoint", "source_path", "num_truncated", "num_dropped"):
         if meta.get(key) is not None:
             lines.append(f"{key + ':':18} {_fmt(meta[key])}")
     return "\n".join(lines)

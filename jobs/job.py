@@ -99,6 +99,7 @@ class Job:
     trained_tokens: int | None = None
     tokens_per_sec: float | None = None
     progress: dict[str, Any] | None = None
+    artifacts: dict[str, str] = field(default_factory=dict)  # files a finished job produced (loss_plot, ...)
     metadata: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:

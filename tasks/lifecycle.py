@@ -277,9 +277,9 @@ class JobRunner:
         meta = {**self.store.get(job.id).metadata, "checkpoint": result.checkpoint_path,
                 "num_truncated": result.num_truncated, "num_dropped": result.num_dropped,
                 "num_train_examples": result.num_train_examples, "num_val_examples": result.num_val_examples,
-                "loss_history": result.loss_history[-2000:], "val_history": result.val_history,
-                "artifacts": artifacts}
+                "loss_history": result.loss_history[-2000:], "val_history": result.val_history}
         fields["metadata"] = meta
+        fields["artifacts"] = artifacts
         if result.status == "completed":
             with self.campaigns.edit(job.campaign_id) as campaign:
                 campaign.current_step = result.final_step

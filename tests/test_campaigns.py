@@ -61,6 +61,10 @@ def test_two_jobs_in_one_campaign_continue_the_step(run_cli, start_worker, store
     campaign = json.loads(run_cli("campaigns", "show", "cont", "--json").stdout)
     assert campaign["current_step"] == 6 and campaign["latest_checkpoint"] == jb.metadata["checkpoint"]
     assert campaign["job_ids"] == [a, b]
+    plotted = run_cli("campaigns", "show", "cont", "--plot")
+    assert plotted.returncode == 0, plotted.stderr
+    png = plotted.stdout.split("loss plot: ", 1)[1].splitlines()[0]
+    assert open(png, "rb").read(4) == b"\x89PNG"
 
 
 @pytest.mark.integration

@@ -27,7 +27,7 @@ def _wait_final(store, job_ids, timeout_s=180):
     return wait_until(done, timeout_s, interval_s=0.5, what=f"jobs {job_ids} to finish")
 
 
-def test_enqueue_to_completed_with_every_field(run_cli, start_worker, store):
+def test_enqueue_to_completed_with_every_field(run_cli, start_worker, store, guild_home):
     worker = start_worker()
     [job_id] = _enqueue(run_cli, str(EXAMPLES / "chat_small.jsonl"), "--priority", "high", *SHORT)
     [job] = _wait_final(store, [job_id])
@@ -40,6 +40,10 @@ def test_enqueue_to_completed_with_every_field(run_cli, start_worker, store):
     assert job.progress is None and job.last_error is None
     checkpoint = Path(job.metadata["checkpoint"])
     assert (checkpoint / "model.safetensors").exists() or list(checkpoint.glob("*.safetensors"))
+    plot = Path(job.artifacts["loss_plot"])
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    campaign_dir = guild_home / "campaigns" / "tiny-qwen3" / "main-tiny-qwen3"
+    assert list((campaign_dir / "tensorboard").rglob("events.out.tfevents.*")), "no TensorBoard event file"
     shown = json.loads(run_cli("jobs", "show", job_id, "--json").stdout)
     assert shown["status"] == "completed"
     history = [h["to"] for h in store.history(job_id)]
