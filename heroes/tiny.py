@@ -13,6 +13,8 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "examples"
+# The files the tokenizer learns from, named so that adding an example file never changes the test hero.
+TOKENIZER_CORPUS = ("chat_small.jsonl", "messages.jsonl", "prompt_response.jsonl", "text.jsonl")
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 # ChatML, as Qwen uses it. The assistant turn ends with <|im_end|> so the model learns to stop.
 CHATML_TEMPLATE = (
@@ -26,7 +28,7 @@ MODEL_SHAPE = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, 
 
 
 def _corpus(examples_dir: Path):
-    for path in sorted(examples_dir.glob("*.jsonl")):
+    for path in (examples_dir / name for name in TOKENIZER_CORPUS):
         for line in path.read_text(encoding="utf-8").splitlines():
             if not line.strip():
                 continue
