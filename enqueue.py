@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 - Redis down and the like: one line, no traceback
         from jobs.errors_text import describe_unexpected
 
-        print(f"error: {describe_unexpected(exc)}", file=sys.stderr)
+        print(f"error: {describe_unexpected(exc, nothing_enqueued=True)}", file=sys.stderr)
         return 1
     if args.json:
         print(json.dumps([j.to_dict() for j in jobs], indent=2))

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from campaigns.campaign import Campaign, CampaignStore, check_name, default_campaign_name
+from campaigns.errors import CampaignError
 from config.code_version import git_commit
 from config.errors import ConfigError, GuildError
 from config.layers import resolve_job_config
@@ -99,9 +100,19 @@ def resolve_campaign(settings: Settings, hero_id: str | None, campaign_name: str
 
 
 def ensure_campaign(settings: Settings, hero, existing: Campaign | None, name: str) -> Campaign:
+    """The campaign to join: ``existing``, else a new one; a concurrent submitter may create it first."""
     if existing is not None:
         return existing
-    return create_campaign(settings, hero, name, {})
+    try:
+        return create_campaign(settings, hero, name, {})
+    except CampaignError:
+        store = CampaignStore(settings.guild_home)
+        if not store.exists(name):
+            raise
+        campaign = store.get(name)  # created by another submission a moment ago: join it
+        if campaign.hero_id != hero.id:
+            raise GuildError(f"campaign {name} trains hero {campaign.hero_id}, not {hero.id}") from None
+        return campaign
 
 
 def create_campaign(settings: Settings, hero, name: str, overrides: dict) -> Campaign:
@@ -141,11 +152,11 @@ def submit(settings: Settings, store: JobStore, request: SubmitRequest, publish)
                       metadata={"source_path": str(Path(f.path).resolve()), "format": f.format,
                                 "config_sets": dict(request.sets)})
             created.append(store.create(job, f.sha256, force=request.force))
+        for job in created:
+            publish(job.id, job.priority)
     except BaseException:
         _rollback(store, created)
         raise
-    for job in created:
-        publish(job.id, job.priority)
     with CampaignStore(settings.guild_home).edit(campaign.id) as c:
         c.job_ids.extend(j.id for j in created if j.id not in c.job_ids)
     if request.priority == "high" and (request.preempt or config.queue.preempt_low):

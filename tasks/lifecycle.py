@@ -81,7 +81,8 @@ class JobRunner:
         self.worker_name = worker_name
         self.campaigns = CampaignStore(settings.guild_home)
         self._engine = engine
-        self.heartbeat_s = keys.DEFAULT_HEARTBEAT_S
+        # Beat well inside the stale window, or a sweep would take a live job for a lost one.
+        self.heartbeat_s = min(keys.DEFAULT_HEARTBEAT_S, settings.heartbeat_stale_s / 3)
 
     @property
     def engine(self):
@@ -122,7 +123,9 @@ class JobRunner:
             time.sleep(keys.DEFAULT_DEFER_DELAY_S)
             republish(job_id, job.priority)
             return Outcome("deferred", "an earlier job of its campaign goes first")
-        lock = CampaignLock(self.store.redis, job.campaign_id, holder=f"{self.worker_name}:{job_id}")
+        # The lease matches the heartbeat window: a worker silent that long loses its job and its lock together.
+        lock = CampaignLock(self.store.redis, job.campaign_id, holder=f"{self.worker_name}:{job_id}",
+                            lease_s=self.settings.heartbeat_stale_s)
         if not lock.acquire():
             time.sleep(keys.DEFAULT_DEFER_DELAY_S)
             republish(job_id, job.priority)
