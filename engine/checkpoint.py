@@ -85,8 +85,10 @@ def read_checkpoint_state(path: Path) -> dict[str, Any]:
     """
     path = Path(path)
     if not is_complete(path):
-        raise CheckpointError(f"{path} is not a complete checkpoint (no {MARKER_FILE} marker in a step-N directory); "
-                              "resume from engine.checkpoint.latest_checkpoint() of its directory")
+        raise CheckpointError(
+            f"{path} is not a complete checkpoint (no {MARKER_FILE} marker in a step-N directory); "
+            "resume from engine.checkpoint.latest_checkpoint() of its directory"
+        )
     try:
         return json.loads((path / STATE_FILE).read_text())
     except (OSError, ValueError) as exc:
@@ -96,8 +98,9 @@ def read_checkpoint_state(path: Path) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------------- saving
 
 
-def save_checkpoint(checkpoint_dir: Path, step: int, model, optimizer, tokenizer, state: dict[str, Any],
-                    save_total_limit: int) -> Path:
+def save_checkpoint(
+    checkpoint_dir: Path, step: int, model, optimizer, tokenizer, state: dict[str, Any], save_total_limit: int
+) -> Path:
     """Write the checkpoint of ``step`` atomically and prune old ones; return its directory.
 
     If a complete checkpoint of ``step`` already exists it is kept and returned as is.
@@ -174,8 +177,10 @@ def load_optimizer_state(path: Path, optimizer) -> None:
     for index, scalars in meta["state"].items():
         state.setdefault(int(index), {}).update(scalars)
     # JSON has no tuples: give back the optimizer's own types (AdamW's betas are a tuple).
-    groups = [{k: (tuple(v) if isinstance(v, list) and k != "params" else v) for k, v in group.items()}
-              for group in meta["param_groups"]]
+    groups = [
+        {k: (tuple(v) if isinstance(v, list) and k != "params" else v) for k, v in group.items()}
+        for group in meta["param_groups"]
+    ]
     try:
         optimizer.load_state_dict({"state": state, "param_groups": groups})
     except (ValueError, KeyError) as exc:

@@ -50,8 +50,16 @@ def split_sizes(n: int, eval_fraction: float, eval_max_examples: int) -> int:
     return min(eval_max_examples, n - 1, max(1, round(n * eval_fraction)))
 
 
-def prepare_dataset(examples: Sequence[Example], tokenizer, *, max_length: int, packing: bool,
-                    eval_fraction: float, eval_max_examples: int, seed: int) -> PreparedDataset:
+def prepare_dataset(
+    examples: Sequence[Example],
+    tokenizer,
+    *,
+    max_length: int,
+    packing: bool,
+    eval_fraction: float,
+    eval_max_examples: int,
+    seed: int,
+) -> PreparedDataset:
     """Tokenise, split and pack ``examples``.
 
     The validation examples are drawn from the kept examples with ``random.Random(seed)``, so the split is the
@@ -63,9 +71,11 @@ def prepare_dataset(examples: Sequence[Example], tokenizer, *, max_length: int, 
     tokenized = tokenize_examples(examples, tokenizer, max_length)
     kept = tokenized.examples
     if not kept:
-        raise DatasetInvalid(f"all {len(examples)} examples were dropped: none has a token to learn within "
-                             f"max_length={max_length} (every assistant reply starts beyond it); raise "
-                             "hyperparams.max_length or shorten the prompts")
+        raise DatasetInvalid(
+            f"all {len(examples)} examples were dropped: none has a token to learn within "
+            f"max_length={max_length} (every assistant reply starts beyond it); raise "
+            "hyperparams.max_length or shorten the prompts"
+        )
     n_val = split_sizes(len(kept), eval_fraction, eval_max_examples)
     val_index = set(random.Random(seed).sample(range(len(kept)), n_val))
     train = [e for i, e in enumerate(kept) if i not in val_index]
@@ -79,12 +89,28 @@ def prepare_dataset(examples: Sequence[Example], tokenizer, *, max_length: int, 
     if pad_id is None:
         pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
     prepared = PreparedDataset(
-        train=train, val=val, rows=rows, val_rows=val_rows, row_length=max_length, packed=packing, pad_id=pad_id,
-        num_examples=len(examples), num_truncated=tokenized.num_truncated, num_dropped=tokenized.num_dropped,
-        fingerprint=_fingerprint(train, rows, max_length))
-    logger.info("prepared %d examples: %d train in %d rows, %d validation, %d truncated, %d dropped, %d tokens",
-                len(examples), len(train), len(rows), len(val), prepared.num_truncated, prepared.num_dropped,
-                prepared.num_train_tokens)
+        train=train,
+        val=val,
+        rows=rows,
+        val_rows=val_rows,
+        row_length=max_length,
+        packed=packing,
+        pad_id=pad_id,
+        num_examples=len(examples),
+        num_truncated=tokenized.num_truncated,
+        num_dropped=tokenized.num_dropped,
+        fingerprint=_fingerprint(train, rows, max_length),
+    )
+    logger.info(
+        "prepared %d examples: %d train in %d rows, %d validation, %d truncated, %d dropped, %d tokens",
+        len(examples),
+        len(train),
+        len(rows),
+        len(val),
+        prepared.num_truncated,
+        prepared.num_dropped,
+        prepared.num_train_tokens,
+    )
     return prepared
 
 

@@ -77,22 +77,37 @@ class Batch:
     def to(self, device: torch.device) -> Batch:
         if device.type == "cpu":
             return self
-        moved = {name: getattr(self, name).to(device, non_blocking=True)
-                 for name in ("input_ids", "position_ids", "example_index", "loss_positions", "loss_targets",
-                              "loss_examples")}
+        moved = {
+            name: getattr(self, name).to(device, non_blocking=True)
+            for name in (
+                "input_ids",
+                "position_ids",
+                "example_index",
+                "loss_positions",
+                "loss_targets",
+                "loss_examples",
+            )
+        }
         return Batch(**moved, num_tokens=self.num_tokens, num_loss_tokens=self.num_loss_tokens)
 
 
-def collate(rows: Sequence[Sequence[int]], examples: Sequence[TokenizedExample], pad_id: int,
-            length: int | None = None) -> Batch:
+def collate(
+    rows: Sequence[Sequence[int]],
+    examples: Sequence[TokenizedExample],
+    pad_id: int,
+    length: int | None = None,
+    num_rows: int | None = None,
+) -> Batch:
     """Build a micro-batch from rows of example indices.
 
     Args:
         rows: each row's example indices into ``examples``.
         pad_id: the id that fills each row's end (it carries no loss and sees only other padding).
-        length: the row length; by default the longest row of this batch. A fixed length keeps shapes static
-            (for torch.compile).
+        length: the row length; by default the longest row of this batch.
+        num_rows: add rows of padding up to this many. With ``length``, keeps shapes static (for torch.compile).
     """
+    if num_rows is not None and num_rows > len(rows):
+        rows = [*rows, *([()] * (num_rows - len(rows)))]
     row_lengths = [sum(len(examples[i]) for i in row) for row in rows]
     width = length if length is not None else max(row_lengths)
     ids: list[int] = []

@@ -73,8 +73,10 @@ def tokenize_examples(examples: Sequence[Example], tokenizer, max_length: int) -
         DatasetInvalid: the chat template fails to render an example (the error names its line).
     """
     if not getattr(tokenizer, "is_fast", False):
-        raise ModelLoadError("the model's tokenizer is not a fast (Rust) tokenizer; the engine needs its offsets "
-                             "to find assistant tokens. Ship a tokenizer.json with the model")
+        raise ModelLoadError(
+            "the model's tokenizer is not a fast (Rust) tokenizer; the engine needs its offsets "
+            "to find assistant tokens. Ship a tokenizer.json with the model"
+        )
     chat = [e for e in examples if e.format != "text"]
     texts = [e for e in examples if e.format == "text"]
     tokenized: dict[int, tuple[list[int], list[bool]]] = {}
@@ -123,8 +125,10 @@ def _tokenize_text(examples: Sequence[Example], tokenizer) -> list[tuple[list[in
 def _tokenize_chat(examples: Sequence[Example], tokenizer) -> list[tuple[list[int], list[bool]]]:
     """Chat-template rendering, one batched tokenisation, assistant spans mapped to tokens by offsets."""
     if not getattr(tokenizer, "chat_template", None):
-        raise ModelLoadError("the model's tokenizer has no chat template, which 'messages' and 'prompt_response' "
-                             "datasets need; add one (chat_template.jinja) to the model directory")
+        raise ModelLoadError(
+            "the model's tokenizer has no chat template, which 'messages' and 'prompt_response' "
+            "datasets need; add one (chat_template.jinja) to the model directory"
+        )
     rendered = [render_with_spans(_conversation(e), tokenizer, e.line) for e in examples]
     encoded = tokenizer([text for text, _ in rendered], add_special_tokens=False, return_offsets_mapping=True)
     out = []
@@ -152,12 +156,15 @@ def render_with_spans(messages: list[dict[str, str]], tokenizer, line: int = 0) 
     Raises:
         DatasetInvalid: the template raised on this conversation or one of its prefixes.
     """
+
     def render(prefix: list[dict[str, str]], generation_prompt: bool) -> str:
         try:
             return tokenizer.apply_chat_template(prefix, tokenize=False, add_generation_prompt=generation_prompt)
         except Exception as exc:  # noqa: BLE001 - a template error is the data's (or template's) problem
-            raise DatasetInvalid(f"line {line}: the model's chat template cannot render this conversation "
-                                 f"({type(exc).__name__}: {exc}); fix the roles or order of its messages") from None
+            raise DatasetInvalid(
+                f"line {line}: the model's chat template cannot render this conversation "
+                f"({type(exc).__name__}: {exc}); fix the roles or order of its messages"
+            ) from None
 
     full = render(messages, False)
     spans = []

@@ -9,6 +9,9 @@ import torch
 
 from engine import checkpoint as ckpt
 from engine.errors import CheckpointError
+from tests.engine_fixtures import one_torch_thread  # noqa: F401 - a fixture
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -27,16 +30,25 @@ def trained(tiny_hero_dir):
 
 def save(directory, step, trained, limit=3):
     model, optimizer, tokenizer = trained
-    return ckpt.save_checkpoint(directory, step, model, optimizer, tokenizer, {"global_step": step, "run_id": "r"},
-                                save_total_limit=limit)
+    return ckpt.save_checkpoint(
+        directory, step, model, optimizer, tokenizer, {"global_step": step, "run_id": "r"}, save_total_limit=limit
+    )
 
 
 def test_checkpoint_holds_safetensors_and_json_only(tmp_path, trained):
     path = save(tmp_path, 7, trained)
     assert path.name == "step-00007" and ckpt.is_complete(path)
     names = {p.name for p in path.iterdir()}
-    assert {"model.safetensors", "optimizer.safetensors", "optimizer.json", "rng.safetensors", "rng.json",
-            "trainer_state.json", "config.json", "COMPLETE"} <= names
+    assert {
+        "model.safetensors",
+        "optimizer.safetensors",
+        "optimizer.json",
+        "rng.safetensors",
+        "rng.json",
+        "trainer_state.json",
+        "config.json",
+        "COMPLETE",
+    } <= names
     assert not [n for n in names if n.endswith((".pt", ".pth", ".bin", ".pkl"))]
     assert ckpt.read_checkpoint_state(path)["global_step"] == 7
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp")]

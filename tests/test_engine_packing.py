@@ -9,7 +9,9 @@ import torch
 from engine.loss import per_example_losses
 from engine.packing import collate, pack_best_fit
 from engine.tokenize import IGNORE_INDEX, tokenize_examples
-from tests.engine_fixtures import chat_examples
+from tests.engine_fixtures import chat_examples, one_torch_thread  # noqa: F401
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +59,7 @@ def test_position_ids_restart_and_boundary_targets_are_masked(examples):
     targets[batch.loss_positions] = batch.loss_targets
     ends = torch.tensor(lengths).cumsum(0) - 1
     assert (targets[ends] == IGNORE_INDEX).all()
-    assert (targets[sum(lengths):] == IGNORE_INDEX).all()  # padding
+    assert (targets[sum(lengths) :] == IGNORE_INDEX).all()  # padding
 
 
 def test_packed_losses_equal_one_by_one_losses(model, examples):

@@ -24,8 +24,11 @@ from tests.engine_fixtures import (
     assert_bitwise_equal,
     chat_examples,
     load_weights,
+    one_torch_thread,  # noqa: F401 - a fixture
     small_config,
 )
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class Recorder:
@@ -44,8 +47,15 @@ class Recorder:
 
 def run(engine, tiny_hero_dir, directory, config, data=None, **kwargs):
     recorder = kwargs.pop("recorder", None) or Recorder()
-    result = engine.run_job(data if data is not None else chat_examples(), config, recorder, recorder.should_stop,
-                            model_path=str(tiny_hero_dir), checkpoint_dir=directory, **kwargs)
+    result = engine.run_job(
+        data if data is not None else chat_examples(),
+        config,
+        recorder,
+        recorder.should_stop,
+        model_path=str(tiny_hero_dir),
+        checkpoint_dir=directory,
+        **kwargs,
+    )
     return result, recorder
 
 
@@ -57,17 +67,18 @@ def uninterrupted(tiny_hero_dir, tmp_path_factory):
     return result
 
 
-@pytest.mark.slow
 def test_stop_then_resume_is_bitwise_equal_to_uninterrupted(tiny_hero_dir, tmp_path, uninterrupted):
     config = small_config()
     stopped, recorder = run(TrainerEngine(), tiny_hero_dir, tmp_path, config, run_id="job", recorder=Recorder(3))
     assert stopped.status == "stopped" and stopped.final_step == 3 and stopped.error is None
+    assert stopped.final_val_loss is None  # a stop saves at once; validation waits for the job to complete
     assert stopped.checkpoint_path == str(tmp_path / "step-00003")
     assert read_checkpoint_state(stopped.checkpoint_path)["job_step"] == 3
 
     # A fresh engine (a new process after a crash, in effect): everything comes from the checkpoint.
-    resumed, recorder = run(TrainerEngine(), tiny_hero_dir, tmp_path, config, run_id="job",
-                            resume_from=latest_checkpoint(tmp_path))
+    resumed, recorder = run(
+        TrainerEngine(), tiny_hero_dir, tmp_path, config, run_id="job", resume_from=latest_checkpoint(tmp_path)
+    )
     assert resumed.status == "completed"
     assert (resumed.start_step, resumed.final_step, resumed.total_steps) == (3, 6, 6)
     assert [c[0] for c in recorder.calls] == [4, 5, 6]
@@ -76,7 +87,6 @@ def test_stop_then_resume_is_bitwise_equal_to_uninterrupted(tiny_hero_dir, tmp_p
     assert_bitwise_equal(load_weights(resumed.checkpoint_path), load_weights(uninterrupted.checkpoint_path))
 
 
-@pytest.mark.slow
 def test_warm_resume_in_the_same_engine_is_bitwise_equal(tiny_hero_dir, tmp_path, uninterrupted):
     engine = TrainerEngine()
     config = small_config()
@@ -90,11 +100,13 @@ def test_warm_resume_in_the_same_engine_is_bitwise_equal(tiny_hero_dir, tmp_path
 _KILLED_CHILD = textwrap.dedent("""
     import sys, time
     from pathlib import Path
+    import torch
     from engine.trainer import TrainerEngine
     from tests.engine_fixtures import chat_examples, small_config
 
+    torch.set_num_threads(int(sys.argv[3]))  # the parent's: bitwise equality needs the same reduction order
     def slow_progress(step, *rest):
-        time.sleep(0.3)  # room for the parent to kill us between checkpoints
+        time.sleep(0.2)  # room for the parent to kill us between checkpoints
     TrainerEngine().run_job(chat_examples(), small_config(), slow_progress, model_path=sys.argv[1],
                             checkpoint_dir=Path(sys.argv[2]), run_id="job")
 """)
@@ -104,8 +116,13 @@ _KILLED_CHILD = textwrap.dedent("""
 def test_sigkill_after_a_checkpoint_then_resume_is_bitwise_equal(tiny_hero_dir, tmp_path, uninterrupted):
     directory = tmp_path / "ckpt"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    child = subprocess.Popen([sys.executable, "-c", _KILLED_CHILD, str(tiny_hero_dir), str(directory)], cwd=REPO,
-                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    child = subprocess.Popen(
+        [sys.executable, "-c", _KILLED_CHILD, str(tiny_hero_dir), str(directory), str(torch.get_num_threads())],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     try:
         deadline = time.monotonic() + 60
         while latest_checkpoint(directory) is None:
@@ -119,13 +136,11 @@ def test_sigkill_after_a_checkpoint_then_resume_is_bitwise_equal(tiny_hero_dir, 
     killed_at = read_checkpoint_state(checkpoint)["global_step"]
     assert killed_at < 6
 
-    resumed, _ = run(TrainerEngine(), tiny_hero_dir, directory, small_config(), run_id="job",
-                     resume_from=checkpoint)
+    resumed, _ = run(TrainerEngine(), tiny_hero_dir, directory, small_config(), run_id="job", resume_from=checkpoint)
     assert resumed.start_step == killed_at and resumed.final_step == 6
     assert_bitwise_equal(load_weights(resumed.checkpoint_path), load_weights(uninterrupted.checkpoint_path))
 
 
-@pytest.mark.slow
 def test_campaign_continues_step_optimizer_and_lr_schedule_across_jobs(tiny_hero_dir, tmp_path):
     # warmup spans both jobs: a schedule restarted per job would show the second job's LR back at the bottom.
     config = small_config(warmup_steps=8, max_steps=4, save_steps=100)
@@ -134,8 +149,15 @@ def test_campaign_continues_step_optimizer_and_lr_schedule_across_jobs(tiny_hero
     assert job1.status == "completed" and job1.final_step == 4
     warm_model = engine._model
 
-    job2, recorder = run(engine, tiny_hero_dir, tmp_path / "job2", config, data=chat_examples(24, 24),
-                         run_id="job2", resume_from=job1.checkpoint_path)
+    job2, recorder = run(
+        engine,
+        tiny_hero_dir,
+        tmp_path / "job2",
+        config,
+        data=chat_examples(24, 24),
+        run_id="job2",
+        resume_from=job1.checkpoint_path,
+    )
     assert engine._model is warm_model  # the warm engine did not reload
     assert job2.status == "completed"
     assert job2.start_step == job1.final_step == 4
@@ -151,21 +173,34 @@ def test_campaign_continues_step_optimizer_and_lr_schedule_across_jobs(tiny_hero
 
     # A cold engine continuing the same campaign from disk gets the same weights: the optimizer state and the
     # RNG came with the checkpoint, not from memory.
-    cold, _ = run(TrainerEngine(), tiny_hero_dir, tmp_path / "job2-cold", config, data=chat_examples(24, 24),
-                  run_id="job2", resume_from=job1.checkpoint_path)
+    cold, _ = run(
+        TrainerEngine(),
+        tiny_hero_dir,
+        tmp_path / "job2-cold",
+        config,
+        data=chat_examples(24, 24),
+        run_id="job2",
+        resume_from=job1.checkpoint_path,
+    )
     assert_bitwise_equal(load_weights(cold.checkpoint_path), load_weights(job2.checkpoint_path))
     optimizer = json.loads((tmp_path / "job2-cold" / "step-00008" / "optimizer.json").read_text())
     assert optimizer["param_groups"][0]["lr"] == lrs[-1]
 
 
 def test_stop_before_any_step_saves_nothing(tiny_hero_dir, tmp_path):
-    result = TrainerEngine().run_job(chat_examples(), small_config(), None, lambda: True,
-                                     model_path=str(tiny_hero_dir), checkpoint_dir=tmp_path, run_id="job")
+    result = TrainerEngine().run_job(
+        chat_examples(),
+        small_config(),
+        None,
+        lambda: True,
+        model_path=str(tiny_hero_dir),
+        checkpoint_dir=tmp_path,
+        run_id="job",
+    )
     assert result.status == "stopped" and result.final_step == 0 and result.checkpoint_path is None
     assert list_checkpoints(tmp_path) == []
 
 
-@pytest.mark.slow
 def test_non_finite_loss_fails_and_keeps_the_last_good_checkpoint(tiny_hero_dir, tmp_path, monkeypatch):
     real = trainer_module.loss_sum
     calls = []
@@ -181,6 +216,7 @@ def test_non_finite_loss_fails_and_keeps_the_last_good_checkpoint(tiny_hero_dir,
     assert result.status == "failed"
     assert "step 5" in result.error and "non-finite" in result.error
     assert result.final_step == 4 and [c[0] for c in recorder.calls] == [1, 2, 3, 4]
+    assert result.final_loss == recorder.calls[-1][2]  # the last good step's, not the NaN
     assert result.checkpoint_path == str(tmp_path / "step-00004")
     assert [step for step, _ in list_checkpoints(tmp_path)] == [2, 4]
     assert engine._warm_checkpoint is None

@@ -28,8 +28,13 @@ def messages(*pairs) -> Example:
 
 
 def test_messages_multi_turn_with_system_learns_only_assistant_turns_and_their_end(tokenizer):
-    example = messages(("system", "Be brief."), ("user", "Two plus two?"), ("assistant", "Four."),
-                       ("user", "And three plus three?"), ("assistant", "Six."))
+    example = messages(
+        ("system", "Be brief."),
+        ("user", "Two plus two?"),
+        ("assistant", "Four."),
+        ("user", "And three plus three?"),
+        ("assistant", "Six."),
+    )
     out = tokenize_examples([example], tokenizer, max_length=256)
     assert out.num_truncated == out.num_dropped == 0
     (tokenized,) = out.examples
@@ -75,18 +80,25 @@ def test_example_whose_assistant_tokens_all_fall_beyond_max_length_is_dropped(to
 def test_every_example_dropped_is_dataset_invalid(tokenizer):
     long_prompt = messages(("user", "context " * 100), ("assistant", "Short."))
     with pytest.raises(DatasetInvalid, match="max_length=16"):
-        prepare_dataset([long_prompt] * 3, tokenizer, max_length=16, packing=True, eval_fraction=0.1,
-                        eval_max_examples=10, seed=0)
+        prepare_dataset(
+            [long_prompt] * 3, tokenizer, max_length=16, packing=True, eval_fraction=0.1, eval_max_examples=10, seed=0
+        )
 
 
 def test_spans_follow_any_prefix_stable_template(tokenizer):
     from transformers import AutoTokenizer
 
     other = AutoTokenizer.from_pretrained(tokenizer.name_or_path)
-    other.chat_template = ("{% for m in messages %}### {{ m['role'] }}: {{ m['content'] }}\n\n{% endfor %}"
-                           "{% if add_generation_prompt %}### assistant: {% endif %}")
-    conversation = [{"role": "user", "content": "Q1"}, {"role": "assistant", "content": "A1"},
-                    {"role": "user", "content": "Q2"}, {"role": "assistant", "content": "A2"}]
+    other.chat_template = (
+        "{% for m in messages %}### {{ m['role'] }}: {{ m['content'] }}\n\n{% endfor %}"
+        "{% if add_generation_prompt %}### assistant: {% endif %}"
+    )
+    conversation = [
+        {"role": "user", "content": "Q1"},
+        {"role": "assistant", "content": "A1"},
+        {"role": "user", "content": "Q2"},
+        {"role": "assistant", "content": "A2"},
+    ]
     text, spans = render_with_spans(conversation, other)
     assert [text[s:e] for s, e in spans] == ["A1", "A2"]
 
@@ -103,8 +115,9 @@ def test_split_is_deterministic_by_seed(tokenizer):
     examples = [messages(("user", f"Question {i}"), ("assistant", f"Answer {i}")) for i in range(20)]
 
     def val_ids(seed):
-        data = prepare_dataset(examples, tokenizer, max_length=64, packing=True, eval_fraction=0.2,
-                               eval_max_examples=10, seed=seed)
+        data = prepare_dataset(
+            examples, tokenizer, max_length=64, packing=True, eval_fraction=0.2, eval_max_examples=10, seed=seed
+        )
         return [e.input_ids for e in data.val]
 
     assert len(val_ids(1)) == 4
