@@ -82,7 +82,8 @@ def build_model_dir(target: Path) -> Path:
 
 def examples(n: int) -> list[Example]:
     """chat_bench rows, repeated to scale: the tiny tokenizer is coarser than Qwen's, lengths stay SFT-like."""
-    rows = [json.loads(line) for line in (REPO / "bench" / "data" / "chat_bench.jsonl").read_text().splitlines() if line]
+    text = (REPO / "bench" / "data" / "chat_bench.jsonl").read_text()
+    rows = [json.loads(line) for line in text.splitlines() if line]
     rng = random.Random(0)
     out = []
     for i in range(n):

@@ -27,7 +27,9 @@ def retry_job(store: JobStore, job_id: str, publish) -> str:
     job = store.transition(job_id, JobStatus.QUEUED, expected={JobStatus.FAILED, JobStatus.CANCELLED},
                            reason="retried by operator", fields={"finished_at": None, "last_error": None})
     store.redis.hdel(keys.JOB.format(id=job_id), "stop_request")
+    store.mark_unpublished(job_id)
     publish(job_id, job.priority)
+    store.mark_published([job_id])
     return f"{job_id}: queued again ({job.priority})"
 
 

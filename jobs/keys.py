@@ -9,6 +9,7 @@ JOB_HISTORY = PREFIX + "job:{id}:history"      # list of JSON transition records
 JOBS_ALL = PREFIX + "jobs:all"                  # zset: id → created_at (epoch seconds)
 JOBS_BY_STATUS = PREFIX + "jobs:status:{status}"  # set of ids
 JOBS_QUEUED = PREFIX + "jobs:queued"            # zset: id → priority rank * 1e12 + sequence (the order workers take)
+JOBS_UNPUBLISHED = PREFIX + "jobs:unpublished"  # zset: id → epoch seconds; created, message not known to be sent
 JOBS_SUMMARY = PREFIX + "jobs:summary"          # hash: id → JSON of the fields `jobs plan` needs (never change)
 JOB_SEQ = PREFIX + "jobs:seq"                   # counter: enqueue order
 DATASET_OWNER = PREFIX + "dataset:{sha}"        # set of job ids holding this content (duplicate detection)

@@ -87,6 +87,7 @@ class JobStore:
                     pipe.zadd(keys.CAMPAIGN_PENDING.format(id=job.campaign_id),
                               {job.id: keys.queue_score(job.priority, seq)})
                     pipe.sadd(owner_key, job.id)
+                    pipe.zadd(keys.JOBS_UNPUBLISHED, {job.id: time.time()})  # until submit has sent its message
                     record = self._history_record(job.id, None, job.status, "enqueued", {})
                     pipe.rpush(keys.JOB_HISTORY.format(id=job.id), json.dumps(record))
                     pipe.execute()
@@ -245,6 +246,20 @@ class JobStore:
                 update=lambda j: {"attempts": j.attempts + 1})
         except IllegalTransition:
             return None
+
+    def mark_unpublished(self, job_id: str) -> None:
+        """``job_id`` is queued and its message is about to be sent: until mark_published, the sweep resends it."""
+        self.redis.zadd(keys.JOBS_UNPUBLISHED, {job_id: time.time()})
+
+    def mark_published(self, job_ids: list[str]) -> None:
+        """The messages of ``job_ids`` are sent: the sweep need not send them again."""
+        if job_ids:
+            self.redis.zrem(keys.JOBS_UNPUBLISHED, *job_ids)
+
+    def unpublished(self, older_than_s: float) -> list[str]:
+        """Jobs created more than ``older_than_s`` ago whose message may never have been sent (enqueue died)."""
+        ids = self.redis.zrangebyscore(keys.JOBS_UNPUBLISHED, "-inf", time.time() - older_than_s)
+        return [i.decode() for i in ids]
 
     def heartbeat(self, job_id: str, progress: dict[str, Any] | None = None) -> None:
         mapping = {"heartbeat_at": _encode(time.time())}

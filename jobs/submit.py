@@ -154,6 +154,7 @@ def submit(settings: Settings, store: JobStore, request: SubmitRequest, publish)
             created.append(store.create(job, f.sha256, force=request.force))
         for job in created:
             publish(job.id, job.priority)
+        store.mark_published([j.id for j in created])
     except BaseException:
         _rollback(store, created)
         raise
@@ -206,6 +207,7 @@ def _rollback(store: JobStore, jobs: list[Job]) -> None:
                 pipe.srem(keys.JOBS_BY_STATUS.format(status="queued"), job.id)
                 pipe.zrem(keys.CAMPAIGN_PENDING.format(id=job.campaign_id), job.id)
                 pipe.srem(keys.DATASET_OWNER.format(sha=sha), job.id)
+                pipe.zrem(keys.JOBS_UNPUBLISHED, job.id)
                 pipe.execute()
         except Exception:  # noqa: BLE001 - best effort; Redis may be the thing that failed
             logger.exception("could not roll back job %s", job.id)

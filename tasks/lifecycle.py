@@ -284,6 +284,12 @@ class JobRunner:
         fields["metadata"] = meta
         fields["artifacts"] = artifacts
         if result.status == "completed":
+            current = self.store.get(job.id)
+            if current.status != JobStatus.PROCESSING or self.store.runtime(job.id)["worker"] != self.worker_name:
+                # This worker stalled long enough for its job to be taken over: the other run owns the campaign.
+                logger.error("job %s: finished here but now %s elsewhere; keeping the campaign as it is",
+                             job.id, current.status.value)
+                return Outcome("dropped", "taken over while stalled")
             with self.campaigns.edit(job.campaign_id) as campaign:
                 campaign.current_step = result.final_step
                 campaign.latest_checkpoint = result.checkpoint_path

@@ -32,6 +32,17 @@ def max_attempts_of(job) -> int:
 def sweep_once(store: JobStore, stale_after_s: float, republish) -> list[str]:
     """Requeue (or fail, past max_attempts) every processing job with a stale heartbeat. Returns their ids."""
     recovered = []
+    # An enqueue that died between a job's record and its message (Redis or the CLI killed) left it queued with
+    # no message: send it. If the message did go out, the duplicate is harmless (the claim is atomic).
+    for job_id in store.unpublished(stale_after_s):
+        try:
+            job = store.get(job_id)
+            if job.status == JobStatus.QUEUED:
+                logger.warning("sweep: job %s was enqueued without its message; sending it", job_id)
+                republish(job_id, job.priority)
+        except GuildError:  # rolled back since
+            pass
+        store.mark_published([job_id])
     for job_id in store.stale_processing(stale_after_s):
         try:
             job = store.get(job_id)
@@ -43,9 +54,11 @@ def sweep_once(store: JobStore, stale_after_s: float, republish) -> list[str]:
                                  fields={"last_error": f"{reason}; gave up after {job.attempts} attempts",
                                          "finished_at": utc_now(), "progress": None})
             else:
+                store.mark_unpublished(job_id)
                 store.transition(job_id, JobStatus.QUEUED, expected={JobStatus.PROCESSING}, reason=reason,
                                  fields={"progress": None, "last_error": reason})
                 republish(job_id, job.priority)
+                store.mark_published([job_id])
             recovered.append(job_id)
         except GuildError as exc:  # someone else recovered it first
             logger.info("sweep: %s: %s", job_id, exc)

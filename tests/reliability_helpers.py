@@ -4,14 +4,13 @@ The scenarios drive real processes (redis-server, Celery workers, CLIs) and kill
 its figures and appends them to ``test-artifacts/reliability/figures.jsonl``; RELIABILITY.md keeps the table.
 
 Run as a module, this file is also the in-process enqueue loop of the Redis-kill scenario
-(``python -m tests.reliability_helpers produce DIR``): it must run in a fresh process, because the Celery app
+(``python -m tests.reliability_helpers produce DIR CAMPAIGN``): it must run in a fresh process, because the Celery app
 reads its broker URL once, at import.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import random
 import subprocess
 import sys
@@ -19,7 +18,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from tests.services import REPO, stop_pid, wait_until
+from tests.services import REPO, RedisServer, free_port, stop_pid, wait_until
 
 FIGURES = REPO / "test-artifacts" / "reliability" / "figures.jsonl"
 FINAL = ("completed", "failed", "skipped", "cancelled")
@@ -42,6 +41,33 @@ def record_figure(scenario: str, **figures) -> dict:
     return entry
 
 
+# --------------------------------------------------------------------------------------------------- redis
+
+
+class OwnRedis:
+    """A redis-server of one test's own (not the session's), which the test may kill and restart: a restart uses
+    the same port and data directory, so Redis replays its AOF."""
+
+    def __init__(self, data_dir: Path, password: str | None = None):
+        self.data_dir, self.port, self.password = Path(data_dir), free_port(), password
+        self.servers: list[RedisServer] = []
+
+    @property
+    def url(self) -> str:
+        return RedisServer(self.data_dir, self.port, self.password).url
+
+    def start(self) -> OwnRedis:
+        self.servers.append(RedisServer(self.data_dir, self.port, self.password).start())
+        return self
+
+    def kill(self) -> None:
+        self.servers[-1].kill()
+
+    def stop(self) -> None:
+        for server in self.servers:
+            server.stop()
+
+
 # ------------------------------------------------------------------------------------------------ datasets
 
 
@@ -49,7 +75,7 @@ def write_dataset(path: Path, tag: str, lines: int = 12, fmt: str = "prompt_resp
     """A small valid dataset whose content depends on ``tag`` (so each tag is a distinct sha256)."""
     rng = random.Random(tag)
     rows = []
-    for i in range(lines):
+    for _ in range(lines):
         a, b = rng.randint(10, 999), rng.randint(10, 999)
         if fmt == "messages":
             rows.append({"messages": [{"role": "user", "content": f"[{tag}] {a} + {b}?"},
@@ -124,6 +150,11 @@ def queued_task_ids(client, queues=("high", "normal", "low")) -> list[str]:
     return [m["headers"]["id"] for q in queues for m in queue_messages(client, q)]
 
 
+def unacked_task_ids(client) -> list[str]:
+    """Task ids of the messages workers hold (delivered, not acked yet): kombu's ``unacked`` hash."""
+    return [json.loads(raw)[0]["headers"]["id"] for raw in client.hvals("unacked")]
+
+
 def no_traceback(text: str) -> bool:
     return "Traceback (most recent call last)" not in text
 
@@ -147,14 +178,15 @@ def run_clis_at_once(env: dict, calls: list[list[str]], timeout_s: float = 120) 
 # --------------------------------------------------------------------------------------- the enqueue loop
 
 
-def produce(directory: Path, pause_s: float = 0.0) -> int:
-    """Enqueue every ``*.jsonl`` of ``directory`` (sorted) one by one through :func:`jobs.submit.submit`.
+def produce(directory: Path, campaign: str, sets: list[str]) -> int:
+    """Enqueue every ``*.jsonl`` of ``directory`` (sorted), one :func:`jobs.submit.submit` call per file.
 
-    Prints ``QUEUED <job id>`` (flushed) after each submit returns, i.e. once the job is reported as queued,
+    Prints ``QUEUED <job id>`` (flushed) once each submit has returned, i.e. once the job is reported as queued,
     and ``ERROR <text>`` then exits 1 at the first failure (Redis killed under it).
     """
     import redis
 
+    from config.layers import parse_set_args
     from config.settings import get_settings
     from jobs.store import JobStore
     from jobs.submit import SubmitRequest, submit
@@ -164,30 +196,25 @@ def produce(directory: Path, pause_s: float = 0.0) -> int:
     settings = get_settings()
     store = JobStore(redis.Redis.from_url(settings.redis_url, socket_connect_timeout=2, socket_timeout=5),
                      settings.guild_home)
-    # Fail fast once Redis is gone rather than retrying the publish for a second.
-    app.conf.task_publish_retry = False
-    publish = lambda job_id, priority: publish_job(app, job_id, priority)  # noqa: E731
-    paths = sorted(directory.glob("*.jsonl"))
-    for path in paths:
+    config_sets = parse_set_args(sets)
+    for path in sorted(directory.glob("*.jsonl")):
+        request = SubmitRequest(paths=[str(path)], campaign=campaign, sets=config_sets)
         try:
-            [job] = submit(settings, store, SubmitRequest(paths=[str(path)], campaign="rk"), publish)
+            [job] = submit(settings, store, request, lambda job_id, prio: publish_job(app, job_id, prio))
         except Exception as exc:  # noqa: BLE001 - the point is to stop at the first failure, whatever it is
             print(f"ERROR {type(exc).__name__}: {exc}", flush=True)
             return 1
         print(f"QUEUED {job.id}", flush=True)
-        if pause_s:
-            time.sleep(pause_s)
     print("DONE", flush=True)
     return 0
 
 
 def _main(argv: list[str]) -> int:
-    if len(argv) >= 2 and argv[0] == "produce":
-        return produce(Path(argv[1]), float(argv[2]) if len(argv) > 2 else 0.0)
-    print("usage: python -m tests.reliability_helpers produce DIR [PAUSE_S]", file=sys.stderr)
+    if len(argv) >= 3 and argv[0] == "produce":
+        return produce(Path(argv[1]), argv[2], argv[3:])
+    print("usage: python -m tests.reliability_helpers produce DIR CAMPAIGN [KEY=VALUE ...]", file=sys.stderr)
     return 2
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("PYTHONUNBUFFERED", "1")
     sys.exit(_main(sys.argv[1:]))

@@ -1,0 +1,291 @@
+"""Reliability 7: security. JSON-only messages, no pickle in the code, Flower's auth guard, Redis passwords, and
+names that cannot escape ``$GUILD_HOME``."""
+
+from __future__ import annotations
+
+import ast
+import base64
+import json
+import re
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+import redis
+
+from jobs import keys
+from jobs.store import JobStore
+from tests.reliability_helpers import (
+    OwnRedis,
+    enqueue_ids,
+    no_traceback,
+    queued_task_ids,
+    record_figure,
+    run_clis_at_once,
+    wait_final,
+    write_dataset,
+)
+from tests.services import REPO, free_port, stop_pid, wait_until
+
+CODE_DIRS = ("engine", "tasks", "jobs", "heroes", "campaigns", "config")
+CODE_FILES = ("enqueue.py", "doctor.py", "celeryconfig.py", "flowerconfig.py")
+PICKLE_MODULES = {"pickle", "cPickle", "_pickle", "dill", "cloudpickle", "joblib", "shelve", "marshal"}
+
+
+class _CreatesFileWhenUnpickled:
+    """A pickle payload: unpickling it calls ``open(path, "w")``, which creates the marker file."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+# ----------------------------------------------------------------------------------------------- messages
+
+
+@pytest.mark.integration
+def test_pickled_message_is_refused_and_never_executed(guild_env, start_worker, store, tmp_path):
+    from celery import Celery
+
+    marker = tmp_path / "pickle-was-executed"
+    worker = start_worker("gpu0@pickle")
+    attacker = Celery("attacker", broker=guild_env["REDIS_URL"], set_as_current=False)
+    try:
+        attacker.send_task("guild.train", args=[_CreatesFileWhenUnpickled(str(marker))], task_id="evil-pickle",
+                           queue="normal", routing_key="normal", serializer="pickle")
+        # Then a well-formed JSON message for a job that does not exist: the worker must still be consuming.
+        attacker.send_task("guild.train", args=["no-such-job"], task_id="after-pickle", queue="normal",
+                           routing_key="normal")
+    finally:
+        attacker.close()
+
+    wait_until(lambda: "dropping message for no-such-job" in worker.log(), 30, what="the worker to go on")
+    log = worker.log()
+    assert not marker.exists(), "the pickled payload was executed"
+    refusal = [line for line in log.splitlines() if "pickle" in line.lower() and "refus" in line.lower()]
+    assert refusal, log[-3000:]
+    assert "evil-pickle" not in "".join(line for line in log.splitlines() if "succeeded" in line or "received" in line)
+    assert queued_task_ids(store.redis) == [] and not store.redis.hlen("unacked")
+    assert worker.proc.poll() is None
+    record_figure("security-pickle", runs=1, passes=1, lost=0, executed=False,
+                  refusal=refusal[0].split("] ", 1)[-1])
+
+
+def _python_files() -> list[Path]:
+    files = [REPO / name for name in CODE_FILES]
+    for directory in CODE_DIRS:
+        files += sorted((REPO / directory).rglob("*.py"))
+    return files
+
+
+def test_no_torch_load_and_no_pickle_in_the_code():
+    """No module of Guild loads a pickle: not torch.load, not pickle (nor its cousins), not weights_only=False."""
+    found = []
+    for path in _python_files():
+        source = path.read_text(encoding="utf-8")
+        where = path.relative_to(REPO)
+        for node in ast.walk(ast.parse(source, str(path))):
+            if isinstance(node, ast.Import):
+                found += [f"{where}:{node.lineno}: import {a.name}" for a in node.names
+                          if a.name.split(".")[0] in PICKLE_MODULES]
+            elif isinstance(node, ast.ImportFrom):
+                module = (node.module or "").split(".")[0]
+                if module in PICKLE_MODULES or (module == "torch" and any(a.name == "load" for a in node.names)):
+                    found.append(f"{where}:{node.lineno}: from {node.module} import ...")
+            elif isinstance(node, ast.Attribute) and node.attr == "load" and isinstance(node.value, ast.Name) \
+                    and node.value.id == "torch":
+                found.append(f"{where}:{node.lineno}: torch.load")
+            elif isinstance(node, ast.keyword) and node.arg == "weights_only":
+                found.append(f"{where}:{node.lineno}: weights_only=")
+        # Strings and comments too: torch.load must not appear at all, pickle only in the sentences saying "never".
+        found += [f"{where}:{n}: {line.strip()}" for n, line in enumerate(source.splitlines(), 1)
+                  if "torch.load" in line or ("pickle" in line and "never" not in line)]
+    assert found == []
+    from celeryconfig import accept_content, result_accept_content, result_serializer, task_serializer
+
+    assert accept_content == result_accept_content == ["json"] and task_serializer == result_serializer == "json"
+    record_figure("security-code-scan", runs=1, passes=1, lost=0, python_files=len(_python_files()), hits=0)
+
+
+# ------------------------------------------------------------------------------------------------- flower
+
+
+def _flower(env: dict, port: int, address: str, log_path: Path) -> subprocess.Popen:
+    with open(log_path, "wb") as log:
+        return subprocess.Popen([sys.executable, "-m", "celery", "-A", "tasks", "flower", f"--address={address}",
+                                 f"--port={port}"], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+
+
+def _get_status(url: str, auth: tuple[str, str] | None = None) -> int:
+    request = urllib.request.Request(url)
+    if auth:
+        request.add_header("Authorization", "Basic " + base64.b64encode(":".join(auth).encode()).decode())
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return response.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+    except OSError:
+        return 0
+
+
+@pytest.mark.integration
+def test_flower_refuses_to_start_unauthenticated_off_loopback(guild_env, tmp_path):
+    env = {k: v for k, v in guild_env.items() if k != "FLOWER_BASIC_AUTH"}
+    port, log_path = free_port(), tmp_path / "flower-open.log"
+    started = time.monotonic()
+    proc = _flower(env, port, "0.0.0.0", log_path)
+    try:
+        proc.wait(timeout=30)
+    finally:
+        stop_pid(proc)
+    took_s = time.monotonic() - started
+    log = log_path.read_text(errors="replace")
+    assert proc.returncode not in (0, None), log[-2000:]
+    assert "refusing to start Flower on 0.0.0.0 without authentication" in log and "FLOWER_BASIC_AUTH" in log
+    assert no_traceback(log)
+    assert _get_status(f"http://127.0.0.1:{port}/") == 0  # nothing ever listened
+    record_figure("security-flower-open", runs=1, passes=1, lost=0, exit_code=proc.returncode,
+                  refused_in_s=round(took_s, 1))
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_flower_with_auth_on_loopback_wants_credentials(guild_env, tmp_path):
+    env = {**guild_env, "FLOWER_BASIC_AUTH": "admin:s3cret-flower"}
+    port, log_path = free_port(), tmp_path / "flower-auth.log"
+    proc = _flower(env, port, "127.0.0.1", log_path)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        wait_until(lambda: proc.poll() is not None or _get_status(base + "/") != 0, 60, interval_s=0.2,
+                   what="Flower to answer")
+        assert proc.poll() is None, log_path.read_text(errors="replace")[-2000:]
+        statuses = {path: (_get_status(base + path), _get_status(base + path, ("admin", "s3cret-flower")),
+                           _get_status(base + path, ("admin", "wrong")))
+                    for path in ("/", "/workers", "/api/workers")}
+    finally:
+        stop_pid(proc)
+    assert all(s == (401, 200, 401) for s in statuses.values()), statuses
+    record_figure("security-flower-auth", runs=1, passes=1, lost=0, statuses=statuses)
+
+
+# -------------------------------------------------------------------------------------------------- redis
+
+
+@pytest.fixture
+def password_redis(tmp_path):
+    server = OwnRedis(tmp_path / "password-redis", password="s3cret-redis-pw")
+    yield server.start()
+    server.stop()
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_redis_password_is_honoured_by_every_component(password_redis, run_cli, start_worker, guild_home, tmp_path):
+    right = {"REDIS_URL": password_redis.url}
+    wrong = {"REDIS_URL": password_redis.url.replace("s3cret-redis-pw", "not-the-password")}
+    none = {"REDIS_URL": f"redis://127.0.0.1:{password_redis.port}/0"}
+    dataset = str(write_dataset(tmp_path / "pw.jsonl", "pw"))
+
+    # ---- wrong or no password: each CLI fails in one line, without a traceback or the password ----------------------
+    for bad in (wrong, none):
+        outs = [run_cli("enqueue", dataset, extra_env=bad), run_cli("jobs", "list", extra_env=bad),
+                run_cli("doctor", "--json", extra_env=bad)]
+        for out in outs:
+            assert out.returncode != 0, (out.args, out.stdout[-500:], out.stderr[-500:])
+            assert no_traceback(out.stderr + out.stdout)
+            assert "s3cret-redis-pw" not in out.stderr + out.stdout and "not-the-password" not in out.stderr
+        assert "password" in outs[0].stderr.lower() or "auth" in outs[0].stderr.lower(), outs[0].stderr
+        doctor = json.loads(outs[2].stdout)
+        assert not doctor["healthy"] and not next(c for c in doctor["checks"] if c["name"] == "redis")["ok"]
+    client = redis.Redis.from_url(password_redis.url)
+    assert [k for k in client.scan_iter(match=keys.PREFIX + "*")] == []
+
+    # ---- a worker with the wrong password does not start consuming, and says why -----------------------------------
+    locked_out = start_worker("gpu1@wrong-password", wait_ready=False, env=wrong)
+    wait_until(lambda: re.search(r"(?i)invalid username-password|WRONGPASS|authentication", locked_out.log()), 60,
+               what="the wrong-password worker to say why it cannot connect")
+    assert "ready." not in locked_out.log() and "not-the-password" not in locked_out.log()
+    locked_out.stop()
+
+    # ---- the right password: enqueue, worker, jobs list and doctor all work ------------------------------------------
+    worker = start_worker("gpu0@password", env=right)
+    [job_id] = enqueue_ids(run_cli, dataset, "--set", "max_steps=2", "--set", "eval_fraction=0", extra_env=right)
+    [job] = wait_final(JobStore(client, guild_home), [job_id], timeout_s=90)
+    assert job.status.value == "completed", (job.last_error, worker.log()[-2000:])
+    listed = run_cli("jobs", "list", "--json", extra_env=right)
+    assert listed.returncode == 0 and [j["id"] for j in json.loads(listed.stdout)] == [job_id]
+    doctor = run_cli("doctor", "--json", extra_env=right)
+    checks = {c["name"]: c for c in json.loads(doctor.stdout)["checks"]}
+    assert checks["redis"]["ok"] and f"worker {worker.name}" in checks, checks
+    assert "s3cret-redis-pw" not in doctor.stdout + worker.log()
+    record_figure("security-redis-password", runs=1, passes=1, lost=0, components=["enqueue", "worker", "jobs list",
+                  "doctor"], wrong_password_exit=outs[0].returncode, password_leaked=False)
+
+
+@pytest.mark.integration
+def test_wrong_redis_password_is_reported_as_such(password_redis, run_cli, tmp_path):
+    """redis.AuthenticationError subclasses ConnectionError: it used to read "cannot reach Redis ... start it with
+    `make up`" (RELIABILITY.md, finding 5)."""
+    wrong = {"REDIS_URL": password_redis.url.replace("s3cret-redis-pw", "not-the-password")}
+    out = run_cli("jobs", "list", extra_env=wrong)
+    assert out.returncode != 0
+    assert "refused the password" in out.stderr and "make up" not in out.stderr, out.stderr
+
+
+# -------------------------------------------------------------------------------------------------- paths
+
+_SAFE_JOB_ID = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d_[A-Za-z0-9._-]+$")
+
+
+@pytest.mark.integration
+def test_names_cannot_escape_guild_home(guild_env, guild_home, store, tmp_path):
+    outside = tmp_path / "outside"
+    (outside / "a" / "b").mkdir(parents=True)
+    good = str(write_dataset(outside / "good.jsonl", "good"))
+    evil = write_dataset(outside / "evil.jsonl", "evil")
+    odd = write_dataset(outside / "..;$(touch pwned) `x` %2e%2e%2fx.jsonl", "odd")
+    dotted = write_dataset(outside / "..evil.jsonl", "dotted")
+    before = sorted(p for p in tmp_path.rglob("*") if guild_home not in p.parents and p != guild_home)
+
+    refused_calls = {
+        "campaign ../../x": ["enqueue", good, "--campaign", "../../x"],
+        "campaign a/b": ["enqueue", good, "--campaign", "a/b"],
+        "campaign ..": ["enqueue", good, "--campaign", ".."],
+        "hero ../../etc/passwd": ["enqueue", good, "--hero", "../../etc/passwd"],
+        "campaigns create --hero ../../etc/passwd": ["campaigns", "create", "c1", "--hero", "../../etc/passwd"],
+        "campaigns show ../../x": ["campaigns", "show", "../../x"],
+        "jobs show ../../x": ["jobs", "show", "../../x"],
+        "jobs cancel a/b": ["jobs", "cancel", "a/b"],
+        "jobs retry ../x": ["jobs", "retry", "../x"],
+    }
+    outs = dict(zip(refused_calls, run_clis_at_once(guild_env, list(refused_calls.values()))))
+    for what, out in outs.items():
+        assert out.returncode == 2, (what, out.stdout[-300:], out.stderr[-500:])
+        assert no_traceback(out.stderr) and out.stderr.startswith("error: "), (what, out.stderr)
+
+    # ---- datasets with hostile names: the copy lands in the content store, the job id is one safe path segment ------
+    given = [str(outside / "a" / "b" / ".." / ".." / evil.name), str(odd), str(dotted)]
+    out = subprocess.run([sys.executable, "-m", "enqueue", *given, "--json"], cwd=REPO, env=guild_env,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    jobs = json.loads(out.stdout)
+    datasets = (guild_home / "datasets").resolve()
+    for job in jobs:
+        assert _SAFE_JOB_ID.match(job["id"]) and ".." not in job["id"].split("_", 1)[1].strip("."), job["id"]
+        assert datasets in Path(job["dataset_path"]).resolve().parents, job["dataset_path"]
+    assert not (tmp_path / "pwned").exists() and not (REPO / "pwned").exists()
+    after = sorted(p for p in tmp_path.rglob("*") if guild_home not in p.parents and p != guild_home)
+    assert after == before, "something was written outside $GUILD_HOME"
+    assert not [p for p in tmp_path.rglob("*") if p.name in ("x", "passwd", "c1", "pwned")]
+    assert sorted(p.name for p in (guild_home / "campaigns").glob("*/*")) == ["main-tiny-qwen3"]
+    record_figure("security-paths", runs=len(refused_calls) + len(given), passes=len(refused_calls) + len(given),
+                  lost=0, refused=list(refused_calls), hostile_dataset_names=len(given),
+                  job_ids=[j["id"] for j in jobs])
