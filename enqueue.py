@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         for job in jobs:
             print(job.id)
     if args.wait:
-        from jobs.watch import watch_jobs
+        from jobs.watch_cli import watch_jobs
 
         return watch_jobs(store, [j.id for j in jobs], quiet_ids=args.json)
     return 0

@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 
+from config.cli import print_record, report_error
 from config.errors import GuildError
 
 
@@ -55,13 +56,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.json:
             print(json.dumps(campaign.to_dict(), indent=2))
         else:
-            for key, value in campaign.to_dict().items():
-                print(f"{key + ':':20} {json.dumps(value)}")
+            print_record(campaign.to_dict())
         return 0
     except GuildError as exc:
-        for line in str(exc).splitlines():
-            print(f"error: {line}", file=sys.stderr)
-        return 2
+        return report_error(exc)
 
 
 def _write_plot(settings, store, campaign):

@@ -9,6 +9,7 @@ import argparse
 import json
 import sys
 
+from config.cli import report_error
 from config.errors import GuildError
 
 
@@ -37,9 +38,7 @@ def main(argv: list[str] | None = None) -> int:
         hero = load_hero(hero_id or DEFAULT_HERO, settings.guild_home)
         resolved = resolve_job_config(settings.guild_home, hero, overrides, parse_set_args(args.sets))
     except GuildError as exc:
-        for line in str(exc).splitlines():
-            print(f"error: {line}", file=sys.stderr)
-        return 2
+        return report_error(exc)
     table = resolved.explain()
     if args.json:
         print(json.dumps(table, indent=2))

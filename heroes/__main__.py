@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 
+from config.cli import print_record, report_error
 from config.errors import GuildError
 
 
@@ -38,13 +39,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.json:
             print(json.dumps(data, indent=2))
         else:
-            for key, value in data.items():
-                print(f"{key + ':':20} {json.dumps(value)}")
+            print_record(data)
         return 0
     except GuildError as exc:
-        for line in str(exc).splitlines():
-            print(f"error: {line}", file=sys.stderr)
-        return 2
+        return report_error(exc)
 
 
 if __name__ == "__main__":

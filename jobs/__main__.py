@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 
+from config.cli import report_error
 from config.errors import GuildError
 
 
@@ -49,9 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         store = JobStore(redis.Redis.from_url(settings.redis_url, socket_connect_timeout=5), settings.guild_home)
         return _run(args, store)
     except GuildError as exc:
-        for line in str(exc).splitlines():
-            print(f"error: {line}", file=sys.stderr)
-        return 2
+        return report_error(exc)
     except Exception as exc:  # noqa: BLE001
         from jobs.errors_text import describe_unexpected
 
@@ -80,7 +79,7 @@ def _run(args, store) -> int:
                     print(f"  {h['at']}  {h.get('from') or '-'} → {h['to']}  {h.get('reason', '')}")
         return 0
     if args.command == "watch":
-        from jobs.watch import watch_jobs
+        from jobs.watch_cli import watch_jobs
 
         store.get(args.id)
         return watch_jobs(store, [args.id], timeout_s=args.timeout)

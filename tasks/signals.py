@@ -28,7 +28,21 @@ def start_sweeper(sender=None, **_kwargs) -> None:
                        lambda job_id, priority: publish_job(app, job_id, priority),
                        worker_name=getattr(sender, "hostname", "") or "")
     _sweeper.start()
+    _stay_paused(sender, store)
     logger.info("lost-job sweeper started (stale after %.0f s)", settings.heartbeat_stale_s)
+
+
+def _stay_paused(consumer, store: JobStore) -> None:
+    """A worker restarted while paused (``python -m jobs pause``) stays paused until ``jobs resume``."""
+    name = getattr(consumer, "hostname", "")
+    try:
+        paused = bool(name) and store.redis.sismember(keys.CONTROL_PAUSED, name)
+    except redis.RedisError:
+        return
+    if paused:
+        for queue in keys.PRIORITIES:
+            consumer.cancel_task_queue(queue)
+        logger.warning("worker %s is paused: consuming nothing until `python -m jobs resume`", name)
 
 
 @worker_shutdown.connect

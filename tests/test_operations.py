@@ -142,3 +142,20 @@ def test_doctor_unhealthy_without_workers_then_healthy(run_cli, start_worker):
     assert any(c["name"] == "worker gpu3@doc" and "high,normal,low" in c["detail"] for c in report["checks"])
     text = run_cli("doctor", "--min-depth", "1", timeout=60)
     assert text.returncode == 1 and "queue-depth" in text.stdout
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_a_paused_worker_restarted_stays_paused_until_resume(run_cli, start_worker, store):
+    worker = start_worker("gpu0@restart")
+    assert run_cli("jobs", "pause", "--worker", "gpu0@restart").returncode == 0
+    worker.stop()
+    start_worker("gpu0@restart")
+    [job_id] = _enqueue(run_cli, str(EXAMPLES / "text.jsonl"), "--set", "max_steps=2", "--set", "eval_fraction=0")
+    import time
+
+    time.sleep(4)
+    assert store.get(job_id).status.value == "queued"
+    assert run_cli("jobs", "resume", "--worker", "gpu0@restart").returncode == 0
+    [job] = _wait_final(store, [job_id], timeout_s=120)
+    assert job.status.value == "completed"
