@@ -162,14 +162,18 @@ def remove_stale_temp_dirs(checkpoint_dir: Path) -> None:
 # ---------------------------------------------------------------------------------------------------- loading
 
 
+def _read_tensors_and_meta(path: Path, tensors_name: str, meta_name: str, what: str):
+    """A checkpoint part stored as a safetensors file plus a JSON file (never a pickle)."""
+    try:
+        return load_file(str(path / tensors_name)), json.loads((path / meta_name).read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: cannot read {what} ({exc})") from None
+
+
 def load_optimizer_state(path: Path, optimizer) -> None:
     """Load ``optimizer``'s state from a checkpoint (the optimizer must be built over the same parameters)."""
     path = Path(path)
-    try:
-        tensors = load_file(str(path / OPTIMIZER_TENSORS))
-        meta = json.loads((path / OPTIMIZER_META).read_text())
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{path}: cannot read the optimizer state ({exc})") from None
+    tensors, meta = _read_tensors_and_meta(path, OPTIMIZER_TENSORS, OPTIMIZER_META, "the optimizer state")
     state: dict[int, dict[str, Any]] = {}
     for key, tensor in tensors.items():
         _, index, name = key.split(".", 2)
@@ -190,11 +194,7 @@ def load_optimizer_state(path: Path, optimizer) -> None:
 def restore_rng(path: Path) -> None:
     """Set the torch (CPU and CUDA) and Python random generators to the states saved in a checkpoint."""
     path = Path(path)
-    try:
-        tensors = load_file(str(path / RNG_TENSORS))
-        meta = json.loads((path / RNG_META).read_text())
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{path}: cannot read the random generator states ({exc})") from None
+    tensors, meta = _read_tensors_and_meta(path, RNG_TENSORS, RNG_META, "the random generator states")
     torch.set_rng_state(tensors["torch_cpu"])
     cuda_states = [tensors[f"torch_cuda.{i}"] for i in range(meta.get("num_cuda", 0))]
     if cuda_states and torch.cuda.is_available() and len(cuda_states) == torch.cuda.device_count():
