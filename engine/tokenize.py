@@ -10,8 +10,8 @@ All texts of a dataset go through one batched call of the Rust tokenizer, and as
 through its character offsets.
 
 **Bounded work.** Only the first ``max_length`` tokens of an example are trained on, so a text longer than
-:func:`cut_chars` characters is cut (at a space where there is one) before it is tokenised: a 30 MB line costs what
-a line of a few thousand tokens costs. The cut keeps ``_MARGIN_TOKENS`` tokens beyond ``max_length``, so the kept
+:func:`cut_chars` characters (64 Ki, or 12 a token for long max_lengths) is cut, at a space where there is one,
+before it is tokenised: a 30 MB line costs what a line of some thousand tokens costs. The cut keeps ``_MARGIN_TOKENS`` tokens beyond ``max_length``, so the kept
 tokens are those of the whole text; where the cut text still makes fewer tokens than that (long runs of characters
 that pack into few tokens), it is cut longer and tokenised again. Whether an example is truncated is therefore
 exact; how many tokens a cut text would have made in full is estimated (``tokens_cut_exact`` says so).
@@ -38,6 +38,7 @@ IGNORE_INDEX = -100  # the target of a position that carries no loss (torch's cr
 
 _MARGIN_TOKENS = 64  # tokens kept beyond max_length when a long text is cut, so the cut never changes kept tokens
 _CHARS_PER_TOKEN = 12  # the first cut: generous for text (3-5 characters a token); denser text is cut again
+_MIN_CUT_CHARS = 65_536  # shorter texts are tokenised whole, so their tokens beyond max_length are counted exactly
 _GROWTH = 4  # how much longer each further cut is
 
 __all__ = ["IGNORE_INDEX", "TokenizedExample", "TokenizedSet", "cut_chars", "render_with_spans", "tokenize_examples"]
@@ -82,7 +83,7 @@ class _Encoded:
 
 def cut_chars(max_length: int) -> int:
     """How many characters of a text are tokenised at first, for examples cut at ``max_length`` tokens."""
-    return (max_length + _MARGIN_TOKENS) * _CHARS_PER_TOKEN
+    return max(_MIN_CUT_CHARS, (max_length + _MARGIN_TOKENS) * _CHARS_PER_TOKEN)
 
 
 def tokenize_examples(

@@ -31,8 +31,9 @@ class TruncationReport:
         num_dropped: of those, the examples with no reply starting within ``max_length``: not trained on at all.
         tokens_cut: tokens beyond ``max_length``, summed.
         counted: True when counted with the hero's tokenizer; False when estimated without it.
-        exact: counted, and every text was tokenised whole (a text of more than about ``12 * max_length``
-            characters is tokenised only as far as training needs, and its tokens beyond are estimated).
+        exact: counted, and every text was tokenised whole (a text longer than
+            :func:`engine.tokenize.cut_chars` is tokenised only as far as training needs; its tokens beyond are
+            estimated from those).
         suggested_max_length: a ``max_length`` that fits the longest example (a power of two, at most the
             model's context length when known), or None when nothing is cut.
     """

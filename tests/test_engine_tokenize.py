@@ -167,6 +167,7 @@ def test_a_cut_text_keeps_exactly_the_tokens_of_the_whole_text(tokenizer, encode
     max_length = 48
     whole = {e.line: tokenize_examples([e], tokenizer, 100_000).examples[0] for e in (prose, runs)}
     monkeypatch.setattr(engine.tokenize, "_CHARS_PER_TOKEN", chars_per_token)
+    monkeypatch.setattr(engine.tokenize, "_MIN_CUT_CHARS", 0)
     encoded_lengths.clear()
     for example in (prose, runs):
         (cut,) = tokenize_examples([example], tokenizer, max_length).examples
