@@ -11,10 +11,11 @@ through its character offsets.
 
 **Bounded work.** Only the first ``max_length`` tokens of an example are trained on, so a text longer than
 :func:`cut_chars` characters (64 Ki, or 12 a token for long max_lengths) is cut, at a space where there is one,
-before it is tokenised: a 30 MB line costs what a line of some thousand tokens costs. The cut keeps ``_MARGIN_TOKENS`` tokens beyond ``max_length``, so the kept
-tokens are those of the whole text; where the cut text still makes fewer tokens than that (long runs of characters
-that pack into few tokens), it is cut longer and tokenised again. Whether an example is truncated is therefore
-exact; how many tokens a cut text would have made in full is estimated (``tokens_cut_exact`` says so).
+before it is tokenised: a 30 MB line costs what a line of some thousand tokens costs. The cut keeps
+``_MARGIN_TOKENS`` tokens beyond ``max_length``, so the kept tokens are those of the whole text; where the cut text
+still makes fewer tokens than that (long runs of characters that pack into few tokens), it is cut longer and
+tokenised again. Whether an example is truncated is therefore exact; how many tokens a cut text would have made in
+full is estimated (``tokens_cut_exact`` says so).
 
 Targets are stored already shifted: ``targets[t]`` is the token that position ``t`` must predict, or
 :data:`IGNORE_INDEX`. The last position of an example never has a target, so when examples are packed side by
