@@ -30,8 +30,12 @@ line, never a turn that silently carries no loss.
 ``<think>\\n\\n</think>\\n\\n`` before the last reply when the data has no reasoning. That block is never learnt:
 
 * ``keep`` (default): it stays in the input as prompt, which is exactly what the model is given at inference with
-  ``enable_thinking=False`` (the generation prompt ends with the same empty block);
-* ``strip``: it is cut out, so every assistant turn looks alike (as the template shows earlier turns).
+  ``enable_thinking=False`` (the generation prompt ends with the same empty block). The reply is learnt as the
+  continuation of that block, and nothing is learnt at the point where the model decides whether to think, so
+  its thinking mode is left as it was.
+* ``strip``: it is cut out, so the last turn looks like the earlier ones. Then the reply's first token is learnt
+  right after ``<|im_start|>assistant\\n``, where a thinking model would open ``<think>``: the model is taught
+  to answer without thinking. Choose it for a model served with a plain generation prompt and no think blocks.
 
 Reasoning that the data does contain (``<think>...</think>`` at the start of a reply) is what the model must learn
 to write: where the template renders it, it is learnt with the reply; where the template drops it (Qwen3 drops
