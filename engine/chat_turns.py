@@ -304,9 +304,9 @@ def _locate_by_skeleton(
         return None
     if skeleton.missing_reply is not None:
         raise DatasetInvalid(
-            f"{where}: the chat template ({chat.template.origin}) leaves out the content of assistant message "
-            f"{skeleton.missing_reply + 1}, so it cannot be learnt; make every assistant reply one the template "
-            "renders (e.g. split the conversation so that reply comes last)"
+            f"{where}: the chat template ({chat.template.origin}) leaves out the content of message "
+            f"{skeleton.missing_reply + 1} (an assistant reply), so it cannot be learnt; make every assistant reply "
+            "one the template renders (e.g. split the conversation so that reply comes last)"
         )
     glue = skeleton.glue
     if not text.startswith(glue[0]):
@@ -328,8 +328,8 @@ def _locate_by_skeleton(
         if messages[i]["role"] == "assistant":
             if not text.startswith(markers.end_of_turn, end):
                 raise DatasetInvalid(
-                    f"{where}: the chat template ({chat.template.origin}) does not close assistant message {i + 1} "
-                    f"with {markers.end_of_turn!r} as it closes others, so where the reply ends cannot be learnt"
+                    f"{where}: the chat template ({chat.template.origin}) does not close message {i + 1} (an assistant "
+                    f"reply) with {markers.end_of_turn!r} as it closes others, so where the reply ends cannot be learnt"
                 )
             turns.append(_Turn(region, pos, end + len(markers.end_of_turn), pos))
         region, pos = end, end + len(after)

@@ -184,7 +184,7 @@ def test_a_template_that_drops_an_assistant_reply_is_dataset_invalid_naming_file
     hf = AutoTokenizer.from_pretrained(with_template(tiny_hero_dir, tmp_path / "t", only_last))
     fine = messages(("user", "Hi"), ("assistant", "Hello."), line=1)
     dropped = messages(("user", "Q1"), ("assistant", "A1"), ("user", "Q2"), ("assistant", "A2"), line=7)
-    with pytest.raises(DatasetInvalid, match=r"^data\.jsonl:7: .*assistant message 2"):
+    with pytest.raises(DatasetInvalid, match=r"^data\.jsonl:7: .*message 2 \(an assistant reply\)"):
         tokenize_examples([fine, dropped], hf, 256, source="data.jsonl")
 
 
@@ -239,3 +239,28 @@ def test_render_with_spans_returns_the_learnt_character_spans(styled):
     text, spans = render_with_spans(conversation, hf)
     assert [text[s:e] for s, e in spans] == ["Four.<|eot_id|>", "Six.<|eot_id|>"]
     assert "\n\nSix. " not in text
+
+
+def test_training_names_the_dataset_file_and_line(tiny_hero_dir, tmp_path):
+    """The trainer passes the dataset's path down, so an error at training time names FILE:LINE too."""
+    import json
+
+    from config.schema import TrainerConfig
+    from engine.trainer import TrainerEngine
+
+    only_last = (
+        "{% for m in messages %}<|im_start|>{{ m.role }}\n"
+        "{% if m.role != 'assistant' or loop.last %}{{ m.content }}{% endif %}<|im_end|>\n{% endfor %}"
+    )
+    model = with_template(tiny_hero_dir, tmp_path / "model", only_last)
+    data = tmp_path / "chats.jsonl"
+    rows = [
+        [("user", "Hi"), ("assistant", "Hello.")],
+        [("user", "Q1"), ("assistant", "A1"), ("user", "Q2"), ("assistant", "A2")],
+    ]
+    data.write_text(
+        "".join(json.dumps({"messages": [{"role": r, "content": c} for r, c in row]}) + "\n" for row in rows),
+        encoding="utf-8",
+    )
+    with pytest.raises(DatasetInvalid, match=rf"^{data}:2: .*message 2 \(an assistant reply\)"):
+        TrainerEngine(device="cpu").prepare(str(data), TrainerConfig(), model_path=str(model))
