@@ -79,6 +79,7 @@ def truncation_report(
     chat: ChatOptions | None = None,
     context_length: int | None = None,
     source: str = "",
+    max_chars: int | None = None,
 ) -> TruncationReport:
     """Count the examples and tokens ``max_length`` cuts from ``examples``.
 
@@ -90,6 +91,9 @@ def truncation_report(
         chat: the hero's chat options (think blocks change the count).
         context_length: the model's context length, the most the suggested ``max_length`` may be.
         source: the dataset's name for errors (``data.jsonl:12: ...``).
+        max_chars: count on an evenly spread sample of about this many characters of content when the dataset
+            has more, and scale up (the figures are then estimates: ``exact`` is False). None counts everything:
+            about 1 s per 2 MB of text on one busy CPU core.
 
     Returns:
         The report; its ``message`` is the line to show.
@@ -102,18 +106,30 @@ def truncation_report(
     if tokenizer_dir is None or not (Path(tokenizer_dir) / TOKENIZER_FILE).is_file():
         return _estimate(examples, max_length, context_length)
     tokenizer = load_chat_tokenizer(tokenizer_dir)
-    tokenized = tokenize_examples(examples, tokenizer, max_length, chat=chat, source=source)
-    num_over = tokenized.num_truncated + tokenized.num_dropped
+    sample = _sample(examples, max_chars)
+    tokenized = tokenize_examples(sample, tokenizer, max_length, chat=chat, source=source)
+    scale = len(examples) / len(sample)
+    num_over = round((tokenized.num_truncated + tokenized.num_dropped) * scale)
     return TruncationReport(
         max_length=max_length,
         num_examples=len(examples),
         num_over=num_over,
-        num_dropped=tokenized.num_dropped,
-        tokens_cut=tokenized.num_tokens_cut,
+        num_dropped=round(tokenized.num_dropped * scale),
+        tokens_cut=round(tokenized.num_tokens_cut * scale),
         counted=True,
-        exact=tokenized.tokens_cut_exact,
+        exact=tokenized.tokens_cut_exact and len(sample) == len(examples),
         suggested_max_length=_suggest(tokenized.longest, context_length) if num_over else None,
     )
+
+
+def _sample(examples: Sequence[Example], max_chars: int | None) -> Sequence[Example]:
+    """Every k-th example, k chosen so that about ``max_chars`` characters of content are left (all if fewer)."""
+    if max_chars is None:
+        return examples
+    total = sum(e.num_chars() for e in examples)
+    if total <= max_chars:
+        return examples
+    return examples[:: -(-total // max_chars)]
 
 
 def _estimate(examples: Sequence[Example], max_length: int, context_length: int | None) -> TruncationReport:

@@ -82,3 +82,13 @@ def test_counting_imports_neither_torch_nor_transformers(tiny_hero_dir):
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
+
+
+def test_a_large_dataset_can_be_counted_on_a_sample(tiny_hero_dir):
+    examples = read_examples(REPO / "examples" / "chat_small.jsonl")
+    full = truncation_report(examples, tiny_hero_dir, 256)
+    sampled = truncation_report(examples, tiny_hero_dir, 256, max_chars=sum(e.num_chars() for e in examples) // 4)
+    assert full.exact and not sampled.exact and sampled.counted and sampled.num_examples == 240
+    assert abs(sampled.num_over - full.num_over) <= 0.4 * full.num_over
+    assert sampled.message.startswith(f"about {sampled.num_over} of 240 examples exceed max_length 256 (about ")
+    assert truncation_report(examples, tiny_hero_dir, 256, max_chars=10**9) == full
