@@ -145,7 +145,7 @@ def render_with_spans(
     except Exception as exc:  # noqa: BLE001 - whatever the template raises is about this conversation
         raise DatasetInvalid(
             f"{where}: the chat template ({chat.template.origin}) cannot render this conversation "
-            f"({type(exc).__name__}: {exc}); fix the roles or order of its messages"
+            f"({_describe(exc)}); fix the roles or order of its messages"
         ) from None
     turns = _locate_by_skeleton(text, messages, chat, markers, where)
     if turns is None:
@@ -206,7 +206,7 @@ def _render_placeholders(chat: ChatTokenizer, roles: list[str]):
     except ModelLoadError:
         raise
     except Exception as exc:  # noqa: BLE001 - the template's own error, reported by the caller
-        return f"it fails on a plain {conversation} conversation ({type(exc).__name__}: {exc})"
+        return f"it fails on a plain {conversation} conversation ({_describe(exc)})"
     positions = _in_order(text, [m["content"] for m in messages])
     if positions is None:
         what = "renders nothing" if not text.strip() else "leaves the messages' text out"
@@ -224,6 +224,12 @@ def _generation_header(chat: ChatTokenizer, prompt: list[dict[str, str]]) -> str
     if len(prompted) > len(bare) and prompted.startswith(bare):
         return prompted[len(bare) :]
     return None
+
+
+def _describe(exc: Exception) -> str:
+    """An exception as one short line (a template may quote a whole message in its error)."""
+    text = " ".join(f"{type(exc).__name__}: {exc}".split())
+    return text if len(text) <= 300 else text[:297] + "..."
 
 
 def _in_order(text: str, words: list[str]) -> list[int] | None:
@@ -367,6 +373,11 @@ def _locate_by_search(text: str, messages: list[dict[str, str]], markers: Templa
             continue
         reply += 1
         turn = _find_reply(text, message, cursor, markers)
+        if turn is None and not message["content"].strip():
+            raise DatasetInvalid(
+                f"{where}: assistant reply {reply} (message {i + 1}) is empty, and where the chat template puts it "
+                "cannot be told; remove the empty reply or give it text"
+            )
         if turn is None:
             raise DatasetInvalid(
                 f"{where}: cannot find assistant reply {reply} (message {i + 1}) in the conversation as the chat "

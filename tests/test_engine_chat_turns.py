@@ -264,3 +264,15 @@ def test_training_names_the_dataset_file_and_line(tiny_hero_dir, tmp_path):
     )
     with pytest.raises(DatasetInvalid, match=rf"^{data}:2: .*message 2 \(an assistant reply\)"):
         TrainerEngine(device="cpu").prepare(str(data), TrainerConfig(), model_path=str(model))
+
+
+def test_an_empty_reply_learns_only_its_end_token_and_the_search_refuses_to_guess(styled, monkeypatch):
+    _, hf = styled["qwen3"]
+    example = messages(
+        ("user", "Say nothing."), ("assistant", ""), ("user", "Now say hi."), ("assistant", "Hi."), line=9
+    )
+    (out,) = tokenize_examples([example], hf, 256).examples
+    assert learnt_runs(hf, out) == ["<|im_end|>", "Hi.<|im_end|>"]
+    monkeypatch.setattr(chat_turns, "_locate_by_skeleton", lambda *args: None)
+    with pytest.raises(DatasetInvalid, match=r"^x\.jsonl:9: assistant reply 1 \(message 2\) is empty"):
+        tokenize_examples([example], hf, 256, source="x.jsonl")
