@@ -13,6 +13,7 @@ from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from engine.chat_turns import ChatOptions
 from engine.errors import DatasetInvalid
 from engine.formats import Example
 from engine.packing import pack_best_fit, unpacked_rows
@@ -59,16 +60,22 @@ def prepare_dataset(
     eval_fraction: float,
     eval_max_examples: int,
     seed: int,
+    chat: ChatOptions | None = None,
+    source: str = "",
 ) -> PreparedDataset:
     """Tokenise, split and pack ``examples``.
 
     The validation examples are drawn from the kept examples with ``random.Random(seed)``, so the split is the
     same every time for the same data and seed.
 
+    ``chat`` (the hero's chat options) and ``source`` (the file, for ``FILE:LINE`` in errors) go to
+    :func:`engine.tokenize.tokenize_examples`.
+
     Raises:
-        DatasetInvalid: no example keeps a loss token within ``max_length``, or the chat template fails.
+        DatasetInvalid: no example keeps a loss token within ``max_length``, or the chat template rejects a line.
+        ChatTemplateError: the hero's chat template is broken.
     """
-    tokenized = tokenize_examples(examples, tokenizer, max_length)
+    tokenized = tokenize_examples(examples, tokenizer, max_length, chat=chat, source=source)
     kept = tokenized.examples
     if not kept:
         raise DatasetInvalid(

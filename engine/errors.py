@@ -18,5 +18,11 @@ class ModelLoadError(EngineError):
     """Raised when the model or its tokenizer cannot be loaded from the given path or checkpoint."""
 
 
+class ChatTemplateError(ModelLoadError):
+    """Raised when the hero's chat template is broken: it does not compile, or it fails or leaves the messages out
+    for a plain user/assistant conversation. The fault is the model's, not the data's: the job fails (it is not
+    skipped), and the message names the file the template lives in."""
+
+
 class CheckpointError(EngineError):
     """Raised when a checkpoint directory is incomplete, unreadable or belongs to another model."""

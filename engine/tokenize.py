@@ -1,15 +1,21 @@
 """Examples to token ids and next-token targets, with the loss only where the model should learn to write.
 
-* ``messages``: rendered with the tokenizer's chat template; loss on every assistant turn, including the token
-  that closes it (``<|im_end|>`` in ChatML), and on nothing else.
+* ``messages``: rendered with the hero's chat template; loss on every assistant turn, including the token that
+  closes it (``<|im_end|>`` in ChatML), and on nothing else, under any template (see :mod:`engine.chat_turns`
+  for how turns are located and what happens to think blocks).
 * ``prompt_response``: rendered as one user turn and one assistant turn; loss on the assistant turn.
 * ``text``: the plain text plus the end-of-sequence token; loss on every token.
 
-Which characters belong to an assistant turn is found by rendering the conversation's prefixes: the turn starts
-where ``render(messages[:i], add_generation_prompt=True)`` ends and stops where ``render(messages[:i + 1])`` ends
-(trailing whitespace, the separator between turns, is left out). This works for any template whose renderings of
-prefixes are prefixes of the whole rendering; where a template breaks that, the common prefix is used. Tokens are
-then matched to characters through the fast tokenizer's offsets, so the whole conversation is tokenised once.
+All texts of a dataset go through one batched call of the Rust tokenizer, and assistant spans are mapped to tokens
+through its character offsets.
+
+**Bounded work.** Only the first ``max_length`` tokens of an example are trained on, so a text longer than
+:func:`cut_chars` characters (64 Ki, or 12 a token for long max_lengths) is cut, at a space where there is one,
+before it is tokenised: a 30 MB line costs what a line of some thousand tokens costs. The cut keeps
+``_MARGIN_TOKENS`` tokens beyond ``max_length``, so the kept tokens are those of the whole text; where the cut text
+still makes fewer tokens than that (long runs of characters that pack into few tokens), it is cut longer and
+tokenised again. Whether an example is truncated is therefore exact; how many tokens a cut text would have made in
+full is estimated (``tokens_cut_exact`` says so).
 
 Targets are stored already shifted: ``targets[t]`` is the token that position ``t`` must predict, or
 :data:`IGNORE_INDEX`. The last position of an example never has a target, so when examples are packed side by
@@ -23,12 +29,20 @@ from bisect import bisect_left, bisect_right
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from engine.errors import DatasetInvalid, ModelLoadError
+from engine.chat_tokenizer import ChatTokenizer, as_chat_tokenizer
+from engine.chat_turns import ChatOptions, render_with_spans
 from engine.formats import Example
 
 logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100  # the target of a position that carries no loss (torch's cross_entropy default)
+
+_MARGIN_TOKENS = 64  # tokens kept beyond max_length when a long text is cut, so the cut never changes kept tokens
+_CHARS_PER_TOKEN = 12  # the first cut: generous for text (3-5 characters a token); denser text is cut again
+_MIN_CUT_CHARS = 65_536  # shorter texts are tokenised whole, so their tokens beyond max_length are counted exactly
+_GROWTH = 4  # how much longer each further cut is
+
+__all__ = ["IGNORE_INDEX", "TokenizedExample", "TokenizedSet", "cut_chars", "render_with_spans", "tokenize_examples"]
 
 
 @dataclass(frozen=True)
@@ -55,44 +69,75 @@ class TokenizedSet:
     examples: list[TokenizedExample]
     num_truncated: int  # kept, but cut at max_length
     num_dropped: int  # every loss token fell beyond max_length: not trained on at all
+    num_tokens_cut: int = 0  # tokens beyond max_length, summed over kept and dropped examples
+    tokens_cut_exact: bool = True  # False when a text was too long to tokenise whole (the count is then estimated)
+    longest: int = 0  # tokens of the longest example before truncation (estimated like num_tokens_cut)
 
 
-def tokenize_examples(examples: Sequence[Example], tokenizer, max_length: int) -> TokenizedSet:
+@dataclass(frozen=True)
+class _Encoded:
+    ids: list[int]
+    offsets: list[tuple[int, int]]
+    num_tokens: int  # of the whole text: exact, or estimated when the text was cut
+    cut: bool  # the text was cut before tokenising
+
+
+def cut_chars(max_length: int) -> int:
+    """How many characters of a text are tokenised at first, for examples cut at ``max_length`` tokens."""
+    return max(_MIN_CUT_CHARS, (max_length + _MARGIN_TOKENS) * _CHARS_PER_TOKEN)
+
+
+def tokenize_examples(
+    examples: Sequence[Example],
+    tokenizer,
+    max_length: int,
+    *,
+    chat: ChatOptions | None = None,
+    source: str = "",
+) -> TokenizedSet:
     """Tokenise ``examples`` for training.
 
     Args:
         examples: validated examples, all of one format.
-        tokenizer: a fast Hugging Face tokenizer; a chat template is needed for "messages" and "prompt_response".
+        tokenizer: a fast Hugging Face tokenizer or a :class:`~engine.chat_tokenizer.ChatTokenizer`; a chat template
+            is needed for "messages" and "prompt_response".
         max_length: examples are cut to this many tokens.
+        chat: how conversations are rendered (the hero's ``chat`` section); defaults to keeping think blocks.
+        source: the dataset file, to name it in errors (``data.jsonl:12: ...``).
 
     Returns:
-        The kept examples in input order, with the counts of truncated and dropped ones.
+        The kept examples in input order, with the counts of truncated and dropped ones and of tokens cut.
 
     Raises:
         ModelLoadError: the tokenizer is not a fast one, or it has no chat template for chat formats.
-        DatasetInvalid: the chat template fails to render an example (the error names its line).
+        ChatTemplateError: the chat template is broken (fails for any conversation).
+        DatasetInvalid: the chat template rejects an example, or one of its replies cannot be located (the error
+            names the file and line).
     """
-    if not getattr(tokenizer, "is_fast", False):
-        raise ModelLoadError(
-            "the model's tokenizer is not a fast (Rust) tokenizer; the engine needs its offsets "
-            "to find assistant tokens. Ship a tokenizer.json with the model"
-        )
-    chat = [e for e in examples if e.format != "text"]
-    texts = [e for e in examples if e.format == "text"]
-    tokenized: dict[int, tuple[list[int], list[bool]]] = {}
-    if chat:
-        for i, ids_mask in zip(_indices(examples, "chat"), _tokenize_chat(chat, tokenizer)):
-            tokenized[i] = ids_mask
-    if texts:
-        for i, ids_mask in zip(_indices(examples, "text"), _tokenize_text(texts, tokenizer)):
-            tokenized[i] = ids_mask
+    backend = as_chat_tokenizer(tokenizer)
+    chat_indices = [i for i, e in enumerate(examples) if e.format != "text"]
+    text_indices = [i for i, e in enumerate(examples) if e.format == "text"]
+    tokenized: dict[int, tuple[_Encoded, list[bool]]] = {}
+    if chat_indices:
+        chat_examples = [examples[i] for i in chat_indices]
+        for i, item in zip(chat_indices, _tokenize_chat(chat_examples, backend, max_length, chat, source)):
+            tokenized[i] = item
+    if text_indices:
+        text_examples = [examples[i] for i in text_indices]
+        for i, item in zip(text_indices, _tokenize_text(text_examples, backend, max_length)):
+            tokenized[i] = item
 
     kept: list[TokenizedExample] = []
-    num_truncated = num_dropped = 0
+    num_truncated = num_dropped = tokens_cut = longest = 0
+    exact = True
     for i, example in enumerate(examples):
-        ids, mask = tokenized[i]
-        truncated = len(ids) > max_length
-        ids, mask = ids[:max_length], mask[:max_length]
+        encoded, mask = tokenized[i]
+        truncated = encoded.num_tokens > max_length
+        if truncated:
+            tokens_cut += encoded.num_tokens - max_length
+            exact = exact and not encoded.cut
+        longest = max(longest, encoded.num_tokens)
+        ids, mask = encoded.ids[:max_length], mask[:max_length]
         # Shift: position t predicts token t + 1, and carries loss only when token t + 1 is one to learn.
         targets = [nxt if learn else IGNORE_INDEX for nxt, learn in zip(ids[1:], mask[1:])]
         targets.append(IGNORE_INDEX)
@@ -102,45 +147,39 @@ def tokenize_examples(examples: Sequence[Example], tokenizer, max_length: int) -
             continue
         num_truncated += truncated
         kept.append(TokenizedExample(ids, targets, example.line, truncated))
-    return TokenizedSet(kept, num_truncated, num_dropped)
+    return TokenizedSet(kept, num_truncated, num_dropped, tokens_cut, exact, longest)
 
 
-def _indices(examples: Sequence[Example], kind: str) -> list[int]:
-    return [i for i, e in enumerate(examples) if (e.format == "text") == (kind == "text")]
-
-
-def _tokenize_text(examples: Sequence[Example], tokenizer) -> list[tuple[list[int], list[bool]]]:
+def _tokenize_text(examples: Sequence[Example], tokenizer: ChatTokenizer, max_length: int):
     """Plain text and the end-of-sequence token, every token learnt."""
     eos = tokenizer.eos_token_id
-    encoded = tokenizer([e.text for e in examples], add_special_tokens=True)["input_ids"]
     out = []
-    for ids in encoded:
-        ids = list(ids)
-        if eos is not None and (not ids or ids[-1] != eos):
-            ids.append(eos)
-        out.append((ids, [True] * len(ids)))
+    for encoded in _encode_bounded(tokenizer, [e.text for e in examples], max_length, add_special_tokens=True):
+        if eos is not None and not encoded.cut and (not encoded.ids or encoded.ids[-1] != eos):
+            encoded = _Encoded(encoded.ids + [eos], encoded.offsets, encoded.num_tokens + 1, False)
+        out.append((encoded, [True] * len(encoded.ids)))
     return out
 
 
-def _tokenize_chat(examples: Sequence[Example], tokenizer) -> list[tuple[list[int], list[bool]]]:
+def _tokenize_chat(
+    examples: Sequence[Example], tokenizer: ChatTokenizer, max_length: int, options: ChatOptions | None, source: str
+):
     """Chat-template rendering, one batched tokenisation, assistant spans mapped to tokens by offsets."""
-    if not getattr(tokenizer, "chat_template", None):
-        raise ModelLoadError(
-            "the model's tokenizer has no chat template, which 'messages' and 'prompt_response' "
-            "datasets need; add one (chat_template.jinja) to the model directory"
-        )
-    rendered = [render_with_spans(_conversation(e), tokenizer, e.line) for e in examples]
-    encoded = tokenizer([text for text, _ in rendered], add_special_tokens=False, return_offsets_mapping=True)
+    rendered = [
+        render_with_spans(_conversation(e), tokenizer, options, f"{source}:{e.line}" if source else f"line {e.line}")
+        for e in examples
+    ]
     out = []
-    for (_, spans), ids, offsets in zip(rendered, encoded["input_ids"], encoded["offset_mapping"]):
-        starts = [s for s, _ in offsets]
-        ends = [e for _, e in offsets]
-        mask = [False] * len(ids)
+    encoded_all = _encode_bounded(tokenizer, [text for text, _ in rendered], max_length, add_special_tokens=False)
+    for (_, spans), encoded in zip(rendered, encoded_all):
+        starts = [s for s, _ in encoded.offsets]
+        ends = [e for _, e in encoded.offsets]
+        mask = [False] * len(encoded.ids)
         for span_start, span_end in spans:
             # Every token that overlaps the span: its end is past the span's start and its start before its end.
             for t in range(bisect_right(ends, span_start), bisect_left(starts, span_end)):
                 mask[t] = True
-        out.append((list(ids), mask))
+        out.append((encoded, mask))
     return out
 
 
@@ -150,42 +189,31 @@ def _conversation(example: Example) -> list[dict[str, str]]:
     return [{"role": role, "content": content} for role, content in example.messages]
 
 
-def render_with_spans(messages: list[dict[str, str]], tokenizer, line: int = 0) -> tuple[str, list[tuple[int, int]]]:
-    """Render a conversation with the chat template; return the text and each assistant turn's character span.
-
-    Raises:
-        DatasetInvalid: the template raised on this conversation or one of its prefixes.
-    """
-
-    def render(prefix: list[dict[str, str]], generation_prompt: bool) -> str:
-        try:
-            return tokenizer.apply_chat_template(prefix, tokenize=False, add_generation_prompt=generation_prompt)
-        except Exception as exc:  # noqa: BLE001 - a template error is the data's (or template's) problem
-            raise DatasetInvalid(
-                f"line {line}: the model's chat template cannot render this conversation "
-                f"({type(exc).__name__}: {exc}); fix the roles or order of its messages"
-            ) from None
-
-    full = render(messages, False)
-    spans = []
-    for i, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
-        start = _common_prefix_length(render(messages[:i], True), full) if i else 0
-        end = _common_prefix_length(render(messages[: i + 1], False), full)
-        # The separator after the closing token (a newline in ChatML) starts the next turn; it is not learnt.
-        end = start + len(full[start:end].rstrip())
-        if end > start:
-            spans.append((start, end))
-    return full, spans
+def _encode_bounded(tokenizer: ChatTokenizer, texts: list[str], max_length: int, add_special_tokens: bool):
+    """Tokenise ``texts`` in one batched call, each cut to what ``max_length`` can use (see the module's notes)."""
+    enough = max_length + _MARGIN_TOKENS
+    limit = cut_chars(max_length)
+    results: list[_Encoded | None] = [None] * len(texts)
+    pending = list(range(len(texts)))
+    while pending:
+        batch = [_cut(texts[i], limit) for i in pending]
+        again = []
+        for i, part, encoding in zip(pending, batch, tokenizer.encode_batch(batch, add_special_tokens)):
+            ids = encoding.ids
+            cut = len(part) < len(texts[i])
+            if cut and len(ids) < enough:
+                again.append(i)  # too few tokens to be sure the first max_length are the whole text's: cut longer
+                continue
+            num_tokens = round(len(ids) * len(texts[i]) / len(part)) if cut else len(ids)
+            results[i] = _Encoded(ids, encoding.offsets, max(num_tokens, len(ids)), cut)
+        pending, limit = again, limit * _GROWTH
+    return results
 
 
-def _common_prefix_length(a: str, b: str) -> int:
-    if b.startswith(a):  # the usual case, at C speed
-        return len(a)
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
+def _cut(text: str, limit: int) -> str:
+    """The first ``limit`` characters of ``text``, ending before a space or newline in the last half if there is
+    one (a cut between words leaves the tokens before it as they are in the whole text)."""
+    if len(text) <= limit:
+        return text
+    at = max(text.rfind(" ", limit // 2, limit), text.rfind("\n", limit // 2, limit))
+    return text[: at if at > 0 else limit]

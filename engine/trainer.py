@@ -24,6 +24,7 @@ import torch
 
 from config.schema import TrainerConfig
 from engine.batches import DataOrder, job_steps
+from engine.chat_turns import ChatOptions
 from engine.checkpoint import (
     load_optimizer_state,
     read_checkpoint_state,
@@ -81,6 +82,7 @@ class TrainerEngine:
         *,
         model_path: str | None = None,
         enable_packing: bool | None = None,
+        chat: ChatOptions | None = None,
     ) -> PreparedDataset:
         """Read, tokenise, split and pack ``dataset`` for ``config``; cache it for :meth:`run_job`.
 
@@ -90,6 +92,7 @@ class TrainerEngine:
         Args:
             model_path: whose tokenizer to use; defaults to the model this engine has loaded.
             enable_packing: overrides ``config.data.enable_packing`` when not None.
+            chat: the hero's chat options (``Hero.chat_options``): what becomes of empty think blocks.
 
         Raises:
             DatasetInvalid: the file has problems, or nothing is left to train on.
@@ -110,6 +113,7 @@ class TrainerEngine:
             hp.eval_fraction,
             hp.eval_max_examples,
             hp.seed,
+            chat,
         )
         with self._lock:
             future = self._prepared.get(key)
@@ -132,6 +136,8 @@ class TrainerEngine:
                     eval_fraction=hp.eval_fraction,
                     eval_max_examples=hp.eval_max_examples,
                     seed=hp.seed,
+                    chat=chat,
+                    source=str(dataset) if isinstance(dataset, (str, os.PathLike)) else "",
                 )
         except BaseException as exc:
             with self._lock:
@@ -168,6 +174,7 @@ class TrainerEngine:
         resume_from: Path | None = None,
         run_id: str = "run",
         enable_packing: bool | None = None,
+        chat: ChatOptions | None = None,
     ) -> TrainingResult:
         """Train one job and return its result.
 
@@ -185,6 +192,7 @@ class TrainerEngine:
             run_id: the job's id, recorded in its checkpoints.
             enable_packing: the final packing switch when not None (the caller resolves ``ENABLE_PACKING``);
                 otherwise ``config.data.enable_packing``.
+            chat: the hero's chat options, see :meth:`prepare`.
 
         Returns:
             The result; status "completed", "stopped" or "failed" (non-finite loss).
@@ -199,7 +207,7 @@ class TrainerEngine:
         checkpoint_dir = Path(checkpoint_dir)
 
         # ---- data: prepared ahead by prepare(), or now --------------------------------------------------------
-        data = self.prepare(dataset, config, model_path=model_path, enable_packing=enable_packing)
+        data = self.prepare(dataset, config, model_path=model_path, enable_packing=enable_packing, chat=chat)
         order = DataOrder(len(data.rows), hp.batch_size, hp.seed, shuffle=config.data.shuffle)
         ga = hp.gradient_accumulation_steps
 

@@ -6,7 +6,7 @@ A profile is a YAML file in ``heroes/`` (or in ``$GUILD_HOME/heroes`` for local 
     name: ...
     model: {hf_name, architecture, vocab_size, context_length, [builder], [local_path], [version]}
     training_defaults: {hyperparams: {...}, data: {...}, ...}     # the "hero" config layer
-    chat: {template: chatml | model}
+    chat: {template: chatml | model, thinking: keep | strip}             # see CHAT_KEYS
     throughput: {cpu_tokens_per_sec, gpu_tokens_per_sec}          # for ETAs in `jobs plan`
 """
 
@@ -19,6 +19,7 @@ from typing import Any
 
 import yaml
 
+from engine.chat_turns import THINKING_MODES, ChatOptions
 from heroes.errors import HeroError, UnknownHero
 
 PROFILE_DIR = Path(__file__).resolve().parent
@@ -26,6 +27,10 @@ HERO_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _REQUIRED_MODEL_KEYS = {"hf_name": str, "architecture": str, "vocab_size": int, "context_length": int}
 _OPTIONAL_MODEL_KEYS = {"builder": str, "local_path": str, "version": str}
 _TOP_KEYS = {"id", "name", "model", "training_defaults", "chat", "throughput", "description"}
+# The chat section: which template renders conversations (informative: the engine always uses the one saved with
+# the model's tokenizer, ChatML for the tiny hero) and what becomes of the empty think block a Qwen3-style template
+# writes before the last reply (engine.chat_turns explains both choices).
+CHAT_KEYS = {"template": ("chatml", "model"), "thinking": THINKING_MODES}
 
 
 @dataclass(frozen=True)
@@ -45,6 +50,26 @@ class Hero:
     training_defaults: dict[str, Any] = field(default_factory=dict)
     chat: dict[str, Any] = field(default_factory=dict)
     throughput: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def chat_options(self) -> ChatOptions:
+        """How the engine renders this hero's conversations (``chat.thinking``; ``keep`` unless set)."""
+        return ChatOptions(thinking=self.chat.get("thinking", "keep"))
+
+    def local_tokenizer_dir(self, guild_home: Path) -> Path | None:
+        """The directory holding this hero's ``tokenizer.json`` on this machine, or None when the model is not
+        here yet (the tiny hero is built by its first job; a hub hero may not be downloaded). Builds and downloads
+        nothing, and needs neither torch nor transformers: for counting tokens at enqueue time."""
+        if self.local_path or self.builder:
+            path = Path(self.model_path(guild_home))
+            return path if (path / "tokenizer.json").is_file() else None
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            found = try_to_load_from_cache(self.hf_name, "tokenizer.json", revision=self.version or None)
+        except Exception:  # noqa: BLE001 - a broken cache reads as "not here"
+            return None
+        return Path(found).parent if isinstance(found, str) else None
 
     def model_path(self, guild_home: Path) -> str:
         """Where the model loads from: a local directory, or the hub name for the HF cache."""
@@ -104,6 +129,13 @@ def parse_profile(text: str, source: str) -> Hero:
     for key in ("training_defaults", "chat", "throughput"):
         if data.get(key) is not None:
             _check(isinstance(data[key], dict), source, key, "not a mapping", problems)
+    if isinstance(data.get("chat"), dict):
+        for key, value in data["chat"].items():
+            allowed = CHAT_KEYS.get(key)
+            if _check(allowed is not None, source, f"chat.{key}",
+                      f"unknown key; allowed: {', '.join(sorted(CHAT_KEYS))}", problems):
+                _check(value in allowed, source, f"chat.{key}",
+                       f"must be one of {', '.join(allowed)}, not {value!r}", problems)
     if problems:
         raise HeroError("\n".join(problems))
     version = model.get("version")

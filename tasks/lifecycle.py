@@ -192,7 +192,8 @@ class JobRunner:
             result = self.engine.run_job(
                 plan["dataset_path"], plan["config"], on_progress, control.should_stop,
                 model_path=plan["model_path"], checkpoint_dir=plan["checkpoint_dir"],
-                resume_from=plan["resume_from"], run_id=job.id, enable_packing=self.settings.enable_packing)
+                resume_from=plan["resume_from"], run_id=job.id, enable_packing=self.settings.enable_packing,
+                chat=plan["chat"])
             logger.info("job %s: engine returned %s after %.1f s", job.id, result.status, time.time() - started)
             return self._finish(job, plan, result, control, republish)
         except DatasetInvalid as exc:
@@ -238,7 +239,7 @@ class JobRunner:
         start_step = read_checkpoint_state(resume_from)["global_step"] if resume_from else 0
         return {"config": config, "config_hash": config.config_hash(), "model_path": model_path,
                 "checkpoint_dir": checkpoint_root / job.id, "resume_from": resume_from, "start_step": start_step,
-                "dataset_path": job.dataset_path, "campaign": campaign}
+                "dataset_path": job.dataset_path, "campaign": campaign, "chat": hero.chat_options}
 
     def _prepare_next_in_background(self, job) -> None:
         """Tokenise and pack the campaign's next queued job while this one trains, so the next starts at once.
@@ -259,7 +260,7 @@ class JobRunner:
                     return
                 plan = self._prepare(nxt)
                 self.engine.prepare(nxt.dataset_path, plan["config"], model_path=plan["model_path"],
-                                    enable_packing=self.settings.enable_packing)
+                                    enable_packing=self.settings.enable_packing, chat=plan["chat"])
                 logger.info("job %s: data of the next job %s prepared", job.id, nxt.id)
             except Exception as exc:  # noqa: BLE001 - an optimisation only; the job prepares its own data
                 logger.info("job %s: next job not prepared ahead: %s", job.id, exc)

@@ -7,7 +7,7 @@ import pytest
 from engine.dataset import prepare_dataset, split_sizes
 from engine.errors import DatasetInvalid
 from engine.formats import Example
-from engine.tokenize import IGNORE_INDEX, render_with_spans, tokenize_examples
+from engine.tokenize import IGNORE_INDEX, cut_chars, render_with_spans, tokenize_examples
 
 
 @pytest.fixture(scope="module")
@@ -123,3 +123,74 @@ def test_split_is_deterministic_by_seed(tokenizer):
     assert len(val_ids(1)) == 4
     assert val_ids(1) == val_ids(1)
     assert val_ids(1) != val_ids(2)
+
+
+# ------------------------------------------------------------------------------------------- bounded work
+
+
+@pytest.fixture
+def encoded_lengths(monkeypatch):
+    """The length in characters of every text handed to the Rust tokenizer."""
+    from engine.chat_tokenizer import ChatTokenizer
+
+    seen: list[int] = []
+    real = ChatTokenizer.encode_batch
+
+    def spy(self, texts, add_special_tokens):
+        seen.extend(len(t) for t in texts)
+        return real(self, texts, add_special_tokens)
+
+    monkeypatch.setattr(ChatTokenizer, "encode_batch", spy)
+    return seen
+
+
+def test_a_multi_megabyte_line_tokenises_only_what_max_length_can_use(tokenizer, encoded_lengths):
+    huge = messages(("user", "Summarise."), ("assistant", "the harbor and the lantern " * 150_000))  # 4 MB
+    short = messages(("user", "Hi"), ("assistant", "Hello."))
+    out = tokenize_examples([huge, short], tokenizer, max_length=64)
+    assert len(huge.messages[1][1]) > 4_000_000
+    assert [len(e) for e in out.examples] == [64, len(out.examples[1])] and out.examples[0].truncated
+    assert out.num_truncated == 1 and out.num_dropped == 0 and not out.tokens_cut_exact
+    assert max(encoded_lengths) <= cut_chars(64)
+    # The estimate of what was cut is of the right size: the whole text makes about 0.6 million tokens.
+    assert 300_000 < out.num_tokens_cut < 1_500_000
+
+
+@pytest.mark.parametrize("chars_per_token", [12, 1])
+def test_a_cut_text_keeps_exactly_the_tokens_of_the_whole_text(tokenizer, encoded_lengths, monkeypatch,
+                                                               chars_per_token):
+    """At 1 character a token the first cut is too short for prose, which is cut longer and tokenised again."""
+    import engine.tokenize
+
+    prose = messages(("user", "Go on."), ("assistant", "the harbor and the lantern, said the keeper. " * 400))
+    runs = Example("text", 2, text="=" * 20_000 + " and " + "\n" * 20_000)
+    max_length = 48
+    whole = {e.line: tokenize_examples([e], tokenizer, 100_000).examples[0] for e in (prose, runs)}
+    monkeypatch.setattr(engine.tokenize, "_CHARS_PER_TOKEN", chars_per_token)
+    monkeypatch.setattr(engine.tokenize, "_MIN_CUT_CHARS", 0)
+    encoded_lengths.clear()
+    for example in (prose, runs):
+        (cut,) = tokenize_examples([example], tokenizer, max_length).examples
+        assert cut.input_ids == whole[example.line].input_ids[:max_length]
+        assert cut.targets[:-1] == whole[example.line].targets[: max_length - 1] and cut.truncated
+    first_cut = cut_chars(max_length)
+    if chars_per_token == 12:
+        assert len(encoded_lengths) == 2 and max(encoded_lengths) <= first_cut
+    else:
+        # The prose (about 3 characters a token) is cut again 4 times longer; the run of "=" is 1 a token already.
+        assert first_cut == max_length + 64 and encoded_lengths == [111, 443, 112]
+
+
+def test_tokens_cut_are_counted_exactly_when_every_text_is_tokenised_whole(tokenizer):
+    long_reply = messages(("user", "Say a lot."), ("assistant", "word " * 200))
+    long_prompt = messages(("user", "context " * 100), ("assistant", "Short."))
+    short = messages(("user", "Hi"), ("assistant", "Hello."))
+    lengths = [len(tokenize_examples([e], tokenizer, 10_000).examples[0]) for e in (long_reply, long_prompt)]
+    out = tokenize_examples([long_reply, long_prompt, short], tokenizer, max_length=32)
+    assert (out.num_truncated, out.num_dropped) == (1, 1) and out.tokens_cut_exact
+    assert out.num_tokens_cut == sum(n - 32 for n in lengths) and out.longest == max(lengths)
+
+
+def test_a_text_example_cut_at_max_length_gets_no_end_token(tokenizer):
+    (out,) = tokenize_examples([Example("text", 1, text="lantern " * 5_000)], tokenizer, 16).examples
+    assert len(out) == 16 and out.truncated and tokenizer.eos_token_id not in out.input_ids

@@ -57,3 +57,41 @@ def test_heroes_cli_list_and_show(run_cli, guild_home):
     assert shown["model_path"] == str(guild_home / "heroes" / "tiny-qwen3")
     missing = run_cli("heroes", "show", "ghost")
     assert missing.returncode == 2 and "ghost" in missing.stderr
+
+
+def test_chat_section_is_validated_naming_file_and_key():
+    base = "id: x\nmodel: {hf_name: a, architecture: B, vocab_size: 8, context_length: 8}\n"
+    with pytest.raises(HeroError) as info:
+        parse_profile(base + "chat: {template: model, thinking: maybe, colour: red}\n", "h.yaml")
+    message = str(info.value)
+    assert "h.yaml: key 'chat.thinking': must be one of keep, strip, not 'maybe'" in message
+    assert "h.yaml: key 'chat.colour': unknown key; allowed: template, thinking" in message
+    with pytest.raises(HeroError, match=r"h\.yaml: key 'chat\.template': must be one of chatml, model"):
+        parse_profile(base + "chat: {template: llama}\n", "h.yaml")
+    assert parse_profile(base + "chat: {thinking: strip}\n", "h.yaml").chat_options.thinking == "strip"
+    assert parse_profile(base, "h.yaml").chat_options.thinking == "keep"
+
+
+def test_shipped_heroes_keep_the_empty_think_block():
+    assert load_hero("dio-qwen3-0.6b").chat_options.thinking == "keep"
+    assert load_hero("tiny-qwen3").chat == {"template": "chatml", "thinking": "keep"}
+
+
+def test_local_tokenizer_dir_finds_only_what_is_already_here(tmp_path, guild_home, monkeypatch):
+    import huggingface_hub
+
+    tiny = load_hero("tiny-qwen3")
+    assert tiny.local_tokenizer_dir(tmp_path) is None  # not built yet: nothing is built to answer
+    assert not (tmp_path / "heroes").exists()
+    assert tiny.local_tokenizer_dir(guild_home) == guild_home / "heroes" / "tiny-qwen3"
+    asked = []
+
+    def cache(repo, filename, revision=None):
+        asked.append((repo, filename, revision))
+        return str(tmp_path / "snapshot" / filename) if len(asked) == 1 else object()  # found, then not cached
+
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", cache)
+    dio = load_hero("dio-qwen3-0.6b")
+    assert dio.local_tokenizer_dir(tmp_path) == tmp_path / "snapshot"
+    assert dio.local_tokenizer_dir(tmp_path) is None
+    assert asked[0] == ("Qwen/Qwen3-0.6B", "tokenizer.json", "main")

@@ -60,6 +60,16 @@ def test_a_plain_crash_fails_with_traceback_and_no_retry(store, one_job):
     assert job.last_error == "ValueError: shape mismatch" and "Traceback" in job.metadata["traceback"]
 
 
+def test_a_broken_chat_template_fails_the_job_instead_of_skipping_the_data(store, one_job):
+    from engine.errors import ChatTemplateError
+
+    broken = ChatTemplateError("the chat template in /m/chat_template.jinja is broken: it renders nothing")
+    outcome = JobRunner(get_settings(), store, "gpu0@t", engine=_Engine(broken)).run(one_job, lambda *a, **k: None)
+    job = store.get(one_job)
+    assert outcome.action == "failed" and job.status is JobStatus.FAILED
+    assert "chat_template.jinja is broken" in job.last_error
+
+
 def test_is_transient():
     import redis
 
