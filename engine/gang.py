@@ -8,7 +8,7 @@ Interface (what the trainer integration builds on):
 * ``fn(ctx, *args, **kwargs)`` runs in every rank after the process group is up; ``fn`` and its arguments must be
   picklable (a module-level function; ranks are started with ``spawn``, never ``fork``). ``ctx`` is a
   :class:`RankContext`: ``rank``, ``world_size``, ``device`` (``cuda:<rank>`` or ``cpu``), ``report(payload)``,
-  ``beat()`` and ``stop_requested()``.
+  ``beat()`` and ``stop_requested()``. On the CPU each rank gets ``cores // ranks`` torch threads.
 * Rank 0's ``ctx.report(payload)`` reaches the parent's ``on_progress(payload)``, in order; a report from any rank
   is also a heartbeat. Every rank must report or ``beat()`` at least every ``silence_timeout_s`` (once per
   optimizer step is plenty).
@@ -331,6 +331,8 @@ def _rank_main(rank: int, config: GangConfig, store_port: int, parent_pid: int, 
             device, backend = torch.device("cuda", rank), "nccl"
         else:
             device, backend = torch.device("cpu"), "gloo"
+            # The ranks share the host's cores: N ranks each using every core would thrash.
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // config.ranks))
         store = dist.TCPStore(_LOOPBACK, store_port, None, False,
                               timeout=datetime.timedelta(seconds=config.startup_timeout_s))
         dist.init_process_group(backend, store=store, rank=rank, world_size=config.ranks,

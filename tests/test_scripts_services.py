@@ -32,11 +32,16 @@ def test_a_bad_gpu_list_is_refused_in_one_line(gpus, problem):
 
 @pytest.mark.integration
 @pytest.mark.slow
-def test_celery_takes_a_multi_gpu_worker_name(start_worker, store):
+def test_celery_takes_a_multi_gpu_worker_name(start_worker, store, guild_env):
+    from celery import Celery
+
     from jobs.control import live_workers
-    from tasks.app import app
 
     start_worker("gpu0-1+3@test")
-    replies = app.control.inspect(destination=["gpu0-1+3@test"], timeout=5).ping() or {}
+    app = Celery(broker=guild_env["REDIS_URL"])  # its own app: tasks.app may be bound to another Redis by now
+    try:
+        replies = app.control.inspect(destination=["gpu0-1+3@test"], timeout=5).ping() or {}
+    finally:
+        app.close()
     assert list(replies) == ["gpu0-1+3@test"]
     wait_until(lambda: "gpu0-1+3@test" in live_workers(store, 60), timeout_s=60, what="the worker's first sweep")
