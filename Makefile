@@ -3,6 +3,9 @@ SHELL := /bin/bash
 PY := .venv/bin/python
 export GUILD_HOME ?= $(CURDIR)/var
 GPU ?= 0
+# GPUS=0,1,2,3: one worker owning those GPUs (named gpu0-3@host); GPU=N, one GPU, still works.
+GPUS ?=
+WORKER_GPUS = $(if $(GPUS),$(GPUS),$(GPU))
 STAMP := .venv/.installed
 
 .PHONY: venv up down demo worker flower test test-fast lint bench doctor clean chromium
@@ -24,7 +27,7 @@ venv: $(STAMP)
 # ---- services -----------------------------------------------------------------------------------------
 up: $(STAMP)
 	@scripts/embedded_redis.sh up
-	@scripts/services.sh worker $(GPU)
+	@scripts/services.sh worker $(WORKER_GPUS)
 	@scripts/services.sh flower
 
 down:
@@ -33,7 +36,7 @@ down:
 
 worker: $(STAMP)
 	@scripts/embedded_redis.sh up
-	@scripts/services.sh worker $(GPU)
+	@scripts/services.sh worker $(WORKER_GPUS)
 
 flower: $(STAMP)
 	@scripts/embedded_redis.sh up

@@ -8,6 +8,11 @@ git-ignored folder and carried) for the side-by-side ratio:
 
     STEPS=30 python bench/gpu.py ; STEPS=30 python .anchor/hf_trainer_anchor.py
 
+``FINETUNE=lora`` (or ``qlora``: needs bitsandbytes) trains a rank-16 adapter on every projection instead, for the
+LoRA/QLoRA figures of bench/RESULTS.md (MFU then still counts 6·N over all parameters: compare tokens/s and memory):
+
+    FINETUNE=lora STEPS=30 python bench/gpu.py ; FINETUNE=qlora STEPS=30 python bench/gpu.py
+
 Without CUDA it runs a tiny smoke configuration so the script itself stays tested on a CPU machine.
 """
 
@@ -38,6 +43,7 @@ STEPS = int(os.environ.get("STEPS", "30" if CUDA else "4"))
 WARM = 8 if CUDA else 1
 SEQ = 2048 if CUDA else 256
 COMPILE = os.environ.get("COMPILE", "1" if CUDA else "0") == "1"
+FINETUNE = os.environ.get("FINETUNE", "full")
 
 
 def matmul_tflops() -> float:
@@ -101,7 +107,7 @@ def main() -> None:
         batch = int(os.environ.get("BATCH", "8" if CUDA else "2"))
         sets = {"max_length": str(SEQ), "batch_size": str(batch), "max_steps": str(STEPS + WARM),
                 "precision": "bf16" if CUDA else "fp32", "eval_fraction": "0", "save_steps": "100000",
-                "learning_rate": "1e-4", "warmup_steps": "0"}
+                "learning_rate": "1e-4", "warmup_steps": "0", "finetune": FINETUNE}
         config = resolve([Layer("cli", sets, "bench", from_text=True)]).config
         engine = TrainerEngine(compile=COMPILE)
         marks: list[tuple[float, int]] = []
@@ -128,16 +134,24 @@ def main() -> None:
         peak = torch.cuda.max_memory_allocated() / 2**30 if CUDA else float("nan")
         ceiling = matmul_tflops()
         mfu = 6 * n_params * tps / (ceiling * 1e12) if CUDA else float("nan")
+        trainable = sum(p.numel() for p in engine._model.parameters() if p.requires_grad) if engine._model else 0
+        # heroes/memory.py's estimate for this very run, to calibrate it against the measured peak.
+        from heroes.memory import GIB, ModelShape, estimate_memory
+
+        shape = ModelShape.from_hf_config(json.loads((model_path / "config.json").read_text()))
+        estimate = estimate_memory(shape, config).total / GIB
         report = {"date": time.strftime("%Y-%m-%d"), "device": torch.cuda.get_device_name() if CUDA else "cpu",
+                  "finetune": FINETUNE, "trainable_params": trainable,
                   "torch": torch.__version__, "compile": COMPILE, "seq": SEQ, "batch_rows": batch,
                   "params": n_params, "steps_timed": timed_steps, "useful_tokens_per_sec": round(tps, 1),
                   "bf16_matmul_tflops": round(ceiling, 1) if CUDA else None,
                   "mfu_6N": round(mfu, 4) if CUDA else None, "peak_mem_gib": round(peak, 2) if CUDA else None,
+                  "estimated_mem_gib": round(estimate, 2),
                   "final_loss": result.final_loss, "status": result.status,
                   "setup_s": round(result.setup_s, 1), "total_s": round(total_s, 1)}
         print(json.dumps(report))
         OUT.mkdir(parents=True, exist_ok=True)
-        (OUT / "gpu.json").write_text(json.dumps(report, indent=2))
+        (OUT / ("gpu.json" if FINETUNE == "full" else f"gpu-{FINETUNE}.json")).write_text(json.dumps(report, indent=2))
         if not math.isfinite(result.final_loss or float("nan")):
             raise SystemExit("non-finite loss")
     finally:

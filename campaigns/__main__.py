@@ -1,4 +1,5 @@
-"""``python -m campaigns create NAME --hero ID [--set KEY=VALUE ...]`` / ``list`` / ``show NAME [--json]``."""
+"""``python -m campaigns create NAME --hero ID [--set KEY=VALUE ...]`` / ``list`` / ``show NAME [--json]`` /
+``export NAME OUT [--merged] [--checkpoint PATH] [--json]``."""
 
 from __future__ import annotations
 
@@ -23,6 +24,12 @@ def main(argv: list[str] | None = None) -> int:
     show.add_argument("name")
     show.add_argument("--json", action="store_true")
     show.add_argument("--plot", action="store_true", help="write the campaign's cumulative loss curve (PNG)")
+    export = sub.add_parser("export", help="write a plain Hugging Face model directory (campaigns/export.py)")
+    export.add_argument("name")
+    export.add_argument("out", help="a new (or empty) directory")
+    export.add_argument("--merged", action="store_true", help="LoRA/QLoRA: merge the adapter into the base")
+    export.add_argument("--checkpoint", help="a checkpoint directory (default: the campaign's latest)")
+    export.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     try:
         from campaigns.campaign import CampaignStore
@@ -42,6 +49,8 @@ def main(argv: list[str] | None = None) -> int:
             campaign = create_campaign(settings, hero, args.name, overrides)
             print(f"created campaign {campaign.id} (hero {campaign.hero_id}, {campaign.config_hash})")
             return 0
+        if args.command == "export":
+            return _export(settings, args)
         if args.command == "list":
             campaigns = store.list()
             if args.json:
@@ -60,6 +69,22 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except GuildError as exc:
         return report_error(exc)
+
+
+def _export(settings, args) -> int:
+    from campaigns.export import export_campaign
+
+    result = export_campaign(settings.guild_home, args.name, args.out, merged=args.merged, checkpoint=args.checkpoint)
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+        return 0
+    print(f"exported campaign {result.campaign} step {result.step} ({result.kind}) to {result.path}")
+    if result.kind == "adapter":
+        print(f"load it on its base: PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("
+              f"{result.base_model!r}), {result.path!r}), or export again with --merged")
+    else:
+        print(f"load it: AutoModelForCausalLM.from_pretrained({result.path!r})")
+    return 0
 
 
 def _write_plot(settings, store, campaign):

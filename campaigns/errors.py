@@ -9,3 +9,7 @@ class CampaignError(GuildError):
 
 class UnknownCampaign(CampaignError):
     """Raised when no campaign has the requested name."""
+
+
+class ExportError(CampaignError):
+    """Raised when a campaign cannot be exported: the target exists, there is no checkpoint, or it cannot be read."""

@@ -9,7 +9,8 @@ Layers, later wins:
 
 A layer may name a field by its dotted name (``hyperparams.learning_rate``), nested
 (``{"hyperparams": {"learning_rate": ...}}``) or by its bare last part when that is unambiguous
-(``learning_rate``). Every problem of every layer is collected and raised together as one ConfigError.
+(``learning_rate``); ``finetune: lora`` is short for ``finetune.mode: lora``. Every problem of every layer is
+collected and raised together as one ConfigError.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from config.errors import ConfigError
-from config.schema import TrainerConfig, check_range, coerce, field_specs
+from config.schema import SHORTHANDS, TrainerConfig, check_range, coerce, cross_field_problems, field_specs
 
 LAYERS = ("defaults", "hero", "campaign", "project", "cli")
 
@@ -59,6 +60,8 @@ def canonical_key(key: str) -> str:
     specs = field_specs()
     if key in specs:
         return key
+    if key in SHORTHANDS:
+        return SHORTHANDS[key]
     matches = [d for d in specs if d.split(".", 1)[1] == key]
     if len(matches) == 1:
         return matches[0]
@@ -125,7 +128,11 @@ def resolve(layers: list[Layer]) -> ResolvedConfig:
             sources[dotted] = layer.name
     if problems:
         raise ConfigError(problems)
-    return ResolvedConfig(TrainerConfig.from_flat(values), sources)
+    config = TrainerConfig.from_flat(values)
+    problems = cross_field_problems(config)
+    if problems:
+        raise ConfigError(problems)
+    return ResolvedConfig(config, sources)
 
 
 def read_project_layer(guild_home: Path) -> Layer | None:

@@ -9,19 +9,24 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any, get_type_hints
 
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
 PRECISIONS = ("auto", "fp32", "bf16")
+FINETUNE_MODES = ("full", "lora", "qlora")
+# Every linear projection of a Qwen3 (Llama-style) decoder layer: attention and MLP. "all-linear" also works.
+QWEN3_LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 
 
 @dataclass(frozen=True)
 class Hyperparams:
     """Optimisation hyperparameters. Steps are optimizer steps, counted across a whole campaign."""
 
-    batch_size: int = 4  # rows per micro-batch (packed rows of max_length tokens when packing is on)
-    gradient_accumulation_steps: int = 1
+    batch_size: int = 4  # rows per micro-batch on one rank (packed rows of max_length tokens when packing is on)
+    gradient_accumulation_steps: int = 1  # used only when global_batch_size is 0 (see config.batching)
+    global_batch_size: int = 0  # rows per optimizer step over all ranks; 0: batch_size x gradient_accumulation_steps
     learning_rate: float = 1e-3
     lr_scheduler: str = "constant_with_warmup"
     warmup_steps: int = 10  # global steps: a campaign warms up once, not once per job
@@ -60,6 +65,18 @@ class OptimizerConfig:
 
 
 @dataclass(frozen=True)
+class FinetuneConfig:
+    """Which weights train: all of them (``full``), or a LoRA adapter over a frozen base (``lora``), or over a
+    4-bit base (``qlora``, CUDA and bitsandbytes only). See :mod:`engine.adapters`."""
+
+    mode: str = "full"
+    lora_rank: int = 16
+    lora_alpha: int = 32  # the adapter's output is scaled by lora_alpha / lora_rank
+    lora_dropout: float = 0.05
+    lora_target_modules: str = QWEN3_LORA_TARGETS  # comma-separated module names (a YAML list works too)
+
+
+@dataclass(frozen=True)
 class QueueConfig:
     """How the queue treats a job."""
 
@@ -75,6 +92,7 @@ class TrainerConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     queue: QueueConfig = field(default_factory=QueueConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return dataclasses.asdict(self)
@@ -121,12 +139,19 @@ def field_specs() -> dict[str, FieldSpec]:
 
 
 _CHOICES = {"hyperparams.lr_scheduler": LR_SCHEDULERS, "hyperparams.precision": PRECISIONS,
-            "optimizer.name": ("adamw",)}
+            "optimizer.name": ("adamw",), "finetune.mode": FINETUNE_MODES}
 _POSITIVE = {"hyperparams.batch_size", "hyperparams.gradient_accumulation_steps", "hyperparams.max_length",
-             "hyperparams.save_steps", "hyperparams.save_total_limit", "queue.max_attempts"}
+             "hyperparams.save_steps", "hyperparams.save_total_limit", "queue.max_attempts",
+             "finetune.lora_rank", "finetune.lora_alpha"}
 _NON_NEGATIVE = {"hyperparams.warmup_steps", "hyperparams.decay_steps", "hyperparams.max_steps",
                  "hyperparams.eval_steps", "hyperparams.eval_max_examples", "hyperparams.learning_rate",
-                 "hyperparams.epochs", "hyperparams.max_grad_norm", "optimizer.weight_decay", "hyperparams.seed"}
+                 "hyperparams.epochs", "hyperparams.max_grad_norm", "optimizer.weight_decay", "hyperparams.seed",
+                 "hyperparams.global_batch_size"}
+# Fields written as a comma-separated string that a YAML/JSON layer may also give as a list of strings.
+_LIST_FIELDS = {"finetune.lora_target_modules"}
+_MODULE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*$")
+# Short forms a layer may use for a whole group's main field: ``finetune: lora`` means ``finetune.mode: lora``.
+SHORTHANDS = {"finetune": "finetune.mode"}
 
 
 def coerce(spec: FieldSpec, value: Any, from_text: bool) -> Any:
@@ -136,6 +161,8 @@ def coerce(spec: FieldSpec, value: Any, from_text: bool) -> Any:
         from_text: the value came from a ``--set KEY=VALUE`` string, so "1e-5" or "true" are parsed.
     """
     t = spec.type
+    if spec.dotted in _LIST_FIELDS:
+        return _coerce_list(value)
     if from_text and isinstance(value, str):
         text = value.strip()
         if t is bool:
@@ -184,4 +211,35 @@ def check_range(dotted: str, value: Any) -> str | None:
         return f"must not be negative, got {value!r}"
     if dotted == "hyperparams.eval_fraction" and not 0 <= value < 1:
         return f"must be in [0, 1), got {value!r}"
+    if dotted == "finetune.lora_dropout" and not 0 <= value < 1:
+        return f"must be in [0, 1), got {value!r}"
+    if dotted == "finetune.lora_target_modules":
+        names = value.split(",") if value else []
+        bad = [n for n in names if not _MODULE_NAME.match(n)]
+        if not names or bad:
+            return (f"expected module names such as {QWEN3_LORA_TARGETS} (or all-linear), got {value!r}")
     return None
+
+
+def cross_field_problems(config: TrainerConfig) -> list[str]:
+    """Problems that involve more than one field (each field being valid on its own)."""
+    problems = []
+    hp = config.hyperparams
+    if hp.global_batch_size and hp.global_batch_size % hp.batch_size:
+        problems.append(
+            f"hyperparams.global_batch_size {hp.global_batch_size} is not a multiple of hyperparams.batch_size "
+            f"{hp.batch_size} (rows per optimizer step = batch_size x ranks x accumulation): set global_batch_size "
+            f"to a multiple of {hp.batch_size}, or 0 to use batch_size x gradient_accumulation_steps"
+        )
+    return problems
+
+
+def _coerce_list(value: Any) -> str:
+    """``"q_proj, v_proj"`` or ``["q_proj", "v_proj"]`` -> ``"q_proj,v_proj"``."""
+    if isinstance(value, str):
+        items = value.split(",")
+    elif isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        items = list(value)
+    else:
+        raise ValueError(f"expected a list of names or a comma-separated string, got {value!r}")
+    return ",".join(item.strip() for item in items if item.strip())

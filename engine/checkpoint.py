@@ -3,7 +3,8 @@
 A checkpoint ``step-00042/`` holds:
 
 * the model as a Hugging Face directory (``config.json``, ``model.safetensors``) plus the tokenizer, so it
-  loads with ``from_pretrained`` on its own;
+  loads with ``from_pretrained`` on its own; for LoRA/QLoRA only the adapter (``adapter_model.safetensors``,
+  ``adapter_config.json``: PEFT's format, see :mod:`engine.adapters`), the base being unchanged;
 * ``optimizer.safetensors`` (every state tensor) and ``optimizer.json`` (param groups and scalars);
 * ``rng.safetensors`` (torch CPU and CUDA generator states) and ``rng.json`` (Python's ``random``);
 * ``trainer_state.json``: global step, run id, job step, data position, the resolved config and its hash, loss
@@ -29,6 +30,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from engine.adapters import is_adapted, save_adapter
 from engine.errors import CheckpointError
 
 logger = logging.getLogger(__name__)
@@ -114,7 +116,10 @@ def save_checkpoint(
     tmp.mkdir(parents=True)
     started = time.perf_counter()
 
-    model.save_pretrained(tmp)
+    if is_adapted(model):  # LoRA/QLoRA: the base never changes, the adapter is what this checkpoint holds
+        save_adapter(model, tmp)
+    else:
+        model.save_pretrained(tmp)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
     tensors, meta = _optimizer_to_files(optimizer.state_dict())

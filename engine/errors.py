@@ -26,3 +26,8 @@ class ChatTemplateError(ModelLoadError):
 
 class CheckpointError(EngineError):
     """Raised when a checkpoint directory is incomplete, unreadable or belongs to another model."""
+
+
+class FinetuneUnsupported(EngineError):
+    """Raised when a finetune mode cannot train on this worker (QLoRA without CUDA or bitsandbytes), or its adapter
+    settings do not fit the model. Raised before any weight is loaded where that can be known."""

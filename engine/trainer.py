@@ -22,7 +22,9 @@ from typing import Any
 
 import torch
 
+from config.batching import for_ranks
 from config.schema import TrainerConfig
+from engine.adapters import load_kwargs, prepare_model, weights_source
 from engine.batches import DataOrder, job_steps
 from engine.chat_turns import ChatOptions
 from engine.checkpoint import (
@@ -203,6 +205,7 @@ class TrainerEngine:
             CheckpointError: ``resume_from`` is not a complete, readable checkpoint.
         """
         entered = time.perf_counter()
+        config = for_ranks(config, 1)  # config.batching: a global batch becomes this one rank's accumulation
         hp = config.hyperparams
         checkpoint_dir = Path(checkpoint_dir)
 
@@ -435,8 +438,10 @@ class TrainerEngine:
             model, optimizer = self._model, self._optimizer
         else:
             self._forget_warm()
-            source = Path(resume_from) if resume_from is not None else Path(model_path)
-            model = _load_model(source).to(self.device)
+            # engine.adapters: full tuning loads the checkpoint; LoRA/QLoRA load the base and the checkpoint's adapter.
+            source = weights_source(model_path, resume_from, config.finetune)
+            model = prepare_model(_load_model(source, **load_kwargs(config, self.device)), config, self.device,
+                                  resume_from)
             optimizer = _build_optimizer(model, self.device)
             if resume_from is not None:
                 load_optimizer_state(resume_from, optimizer)
@@ -472,13 +477,15 @@ class TrainerEngine:
         return total.item() / count
 
 
-def _load_model(source: Path):
+def _load_model(source: Path, **overrides):
     from transformers import AutoModelForCausalLM
 
     try:
         # fp32 master weights whatever the checkpoint's dtype: bf16 runs under autocast where it is supported.
         # use_safetensors: weights that exist only as a pickle (.bin) are refused, never unpickled.
-        return AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, use_safetensors=True)
+        # overrides: engine.adapters.load_kwargs (a bf16 frozen base for LoRA, a 4-bit one for QLoRA).
+        kwargs = {"dtype": torch.float32, "use_safetensors": True, **overrides}
+        return AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except Exception as exc:  # noqa: BLE001 - any loading failure is reported the same way
         raise ModelLoadError(f"cannot load a causal LM from {source}: {type(exc).__name__}: {exc}") from None
 

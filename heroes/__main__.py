@@ -25,12 +25,26 @@ def main(argv: list[str] | None = None) -> int:
     home = get_settings().guild_home
     try:
         if args.command == "list":
+            from heroes.memory import GIB, hero_estimates
+
             heroes, errors = list_heroes(home)
+            rows = []
+            for h in heroes:
+                try:
+                    mode, estimates = hero_estimates(h)
+                except GuildError as exc:
+                    mode, estimates = "?", {}
+                    errors.append(f"{h.source}: training_defaults: {exc}")
+                rows.append((h, mode, {m: round(e.total / GIB, 1) for m, e in estimates.items()}))
             if args.json:
-                print(json.dumps([h.to_dict(home) for h in heroes], indent=2))
+                print(json.dumps([{**h.to_dict(home), "finetune_mode": mode, "memory_gib": gib}
+                                  for h, mode, gib in rows], indent=2))
             else:
-                for h in heroes:
-                    print(f"{h.id:20} {h.architecture:20} {h.hf_name:24} {h.name}")
+                # GiB on one GPU at the hero's default batch and length, for each finetune mode (heroes/memory.py).
+                print(f"{'ID':20} {'MODEL':20} {'DEFAULT':8} {'FULL':>8} {'LORA':>8} {'QLORA':>8}  NAME")
+                for h, mode, gib in rows:
+                    cells = "".join(f"{(str(gib[m]) + 'G') if m in gib else '-':>9}" for m in ("full", "lora", "qlora"))
+                    print(f"{h.id:20} {h.hf_name:20} {mode:8}{cells}  {h.name}")
             for e in errors:
                 print(f"error: {e}", file=sys.stderr)
             return 2 if errors else 0

@@ -4,7 +4,9 @@ A profile is a YAML file in ``heroes/`` (or in ``$GUILD_HOME/heroes`` for local 
 
     id: tiny-qwen3
     name: ...
-    model: {hf_name, architecture, vocab_size, context_length, [builder], [local_path], [version]}
+    model: {hf_name, architecture, vocab_size, context_length, [builder], [local_path], [version], [shape]}
+    # shape: {hidden_size, num_layers, num_heads, num_kv_heads, head_dim, intermediate_size, tied_embeddings},
+    #   for memory estimates before anything loads (heroes.memory)
     training_defaults: {hyperparams: {...}, data: {...}, ...}     # the "hero" config layer
     chat: {template: chatml | model, thinking: keep | strip}             # see CHAT_KEYS
     throughput: {cpu_tokens_per_sec, gpu_tokens_per_sec}          # for ETAs in `jobs plan`
@@ -12,6 +14,7 @@ A profile is a YAML file in ``heroes/`` (or in ``$GUILD_HOME/heroes`` for local 
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,11 +24,12 @@ import yaml
 
 from engine.chat_turns import THINKING_MODES, ChatOptions
 from heroes.errors import HeroError, UnknownHero
+from heroes.memory import ModelShape, parse_shape
 
 PROFILE_DIR = Path(__file__).resolve().parent
 HERO_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _REQUIRED_MODEL_KEYS = {"hf_name": str, "architecture": str, "vocab_size": int, "context_length": int}
-_OPTIONAL_MODEL_KEYS = {"builder": str, "local_path": str, "version": str}
+_OPTIONAL_MODEL_KEYS = {"builder": str, "local_path": str, "version": str, "shape": dict}
 _TOP_KEYS = {"id", "name", "model", "training_defaults", "chat", "throughput", "description"}
 # The chat section: which template renders conversations (informative: the engine always uses the one saved with
 # the model's tokenizer, ChatML for the tiny hero) and what becomes of the empty think block a Qwen3-style template
@@ -50,6 +54,7 @@ class Hero:
     training_defaults: dict[str, Any] = field(default_factory=dict)
     chat: dict[str, Any] = field(default_factory=dict)
     throughput: dict[str, float] = field(default_factory=dict)
+    shape: ModelShape | None = None
 
     @property
     def chat_options(self) -> ChatOptions:
@@ -87,6 +92,9 @@ class Hero:
                       "local_path": self.local_path, "version": self.version},
             "training_defaults": self.training_defaults, "chat": self.chat, "throughput": self.throughput,
         }
+        if self.shape is not None:
+            data["model"]["shape"] = {k: v for k, v in dataclasses.asdict(self.shape).items()
+                                     if k not in ("vocab_size", "qk_norm")}
         if guild_home is not None:
             data["model_path"] = self.model_path(guild_home)
         return data
@@ -136,6 +144,9 @@ def parse_profile(text: str, source: str) -> Hero:
                       f"unknown key; allowed: {', '.join(sorted(CHAT_KEYS))}", problems):
                 _check(value in allowed, source, f"chat.{key}",
                        f"must be one of {', '.join(allowed)}, not {value!r}", problems)
+    shape = None
+    if isinstance(model, dict) and isinstance(model.get("shape"), dict):
+        shape = parse_shape(model["shape"], model.get("vocab_size"), source, problems)
     if problems:
         raise HeroError("\n".join(problems))
     version = model.get("version")
@@ -145,7 +156,7 @@ def parse_profile(text: str, source: str) -> Hero:
         source=source, builder=model.get("builder"), local_path=model.get("local_path"),
         version=None if version is None else str(version),
         training_defaults=dict(data.get("training_defaults") or {}), chat=dict(data.get("chat") or {}),
-        throughput=dict(data.get("throughput") or {}),
+        throughput=dict(data.get("throughput") or {}), shape=shape,
     )
 
 

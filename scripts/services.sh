@@ -1,21 +1,47 @@
 #!/usr/bin/env bash
 # Start or stop background Guild processes (worker, flower) with pid files under $GUILD_HOME/run.
-# Usage: scripts/services.sh worker GPU | flower | down
+# Usage: scripts/services.sh worker GPUS | flower | down | name GPUS
+#   GPUS: one GPU index (0) or a comma-separated list (0,1,2,3) that one worker owns; `name` prints its label.
 set -euo pipefail
 GUILD_HOME="${GUILD_HOME:-./var}"
 run="$GUILD_HOME/run"; logs="$GUILD_HOME/logs"
 mkdir -p "$run" "$logs"
 celery=".venv/bin/celery"
 alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
+# The worker label for a GPU list: gpu3, gpu0-3 (a contiguous range), gpu0+2, gpu0-2+5 (runs joined by '+').
+# No commas: Celery takes comma-separated node names (celery inspect -d a,b), so a name must not hold one.
+gpu_label() {
+  local list="$1" runs=() start="" prev="" g
+  if ! [[ "$list" =~ ^[0-9]+(,[0-9]+)*$ ]]; then
+    echo "GPUS=$list: expected GPU indices separated by commas, e.g. GPUS=0,1,2,3" >&2; return 2
+  fi
+  if [ -n "$(tr ',' '\n' <<<"$list" | sort -n | uniq -d)" ]; then
+    echo "GPUS=$list: a GPU is listed twice" >&2; return 2
+  fi
+  for g in $(tr ',' '\n' <<<"$list" | sort -n) end; do
+    if [ "$g" != end ] && [ -n "$prev" ] && [ "$g" -eq $((prev + 1)) ]; then prev="$g"; continue; fi
+    if [ -n "$start" ]; then
+      if [ "$start" = "$prev" ]; then runs+=("$start"); else runs+=("$start-$prev"); fi
+    fi
+    start="$g"; prev="$g"
+  done
+  local IFS=+
+  echo "gpu${runs[*]}"
+}
 case "$1" in
+  name)
+    gpu_label "${2:-0}"
+    ;;
   worker)
-    gpu="${2:-0}"; pidf="$run/worker-gpu$gpu.pid"
-    if alive "$pidf"; then echo "worker gpu$gpu already running (pid $(cat "$pidf"))"; exit 0; fi
-    # CUDA_VISIBLE_DEVICES is set before the worker starts, so nothing in it can touch another GPU.
-    CUDA_VISIBLE_DEVICES="$gpu" nohup "$celery" -A tasks worker -Q high,normal,low -n "gpu$gpu@%h" \
-      --concurrency 1 --prefetch-multiplier 1 --loglevel INFO >"$logs/worker-gpu$gpu.log" 2>&1 &
+    gpus="${2:-0}"; label="$(gpu_label "$gpus")" || exit 2
+    pidf="$run/worker-$label.pid"
+    if alive "$pidf"; then echo "worker $label already running (pid $(cat "$pidf"))"; exit 0; fi
+    # CUDA_VISIBLE_DEVICES is set before the worker starts, so nothing in it can touch another GPU. With several
+    # GPUs, the worker's job runs one rank per GPU, rank r on the r-th GPU of the list (cuda:r inside the worker).
+    CUDA_VISIBLE_DEVICES="$gpus" nohup "$celery" -A tasks worker -Q high,normal,low -n "$label@%h" \
+      --concurrency 1 --prefetch-multiplier 1 --loglevel INFO >"$logs/worker-$label.log" 2>&1 &
     echo $! > "$pidf"
-    echo "worker gpu$gpu started (pid $!, log $logs/worker-gpu$gpu.log)"
+    echo "worker $label started on GPUs $gpus (pid $!, log $logs/worker-$label.log)"
     ;;
   flower)
     pidf="$run/flower.pid"
@@ -38,5 +64,5 @@ case "$1" in
       rm -f "$pidf"
     done
     ;;
-  *) echo "usage: $0 worker GPU | flower | down" >&2; exit 2 ;;
+  *) echo "usage: $0 worker GPUS | flower | down | name GPUS" >&2; exit 2 ;;
 esac

@@ -62,3 +62,63 @@ def test_settings_from_env(tmp_path):
     assert s.guild_home == tmp_path and s.enable_packing is False and s.redis_url == "redis://x:1/0"
     default = Settings.from_env({"GUILD_HOME": str(tmp_path)})
     assert default.redis_url == "redis://127.0.0.1:6390/0" and default.enable_packing is None
+
+
+# ---- finetune mode and adapter settings --------------------------------------------------------------------
+
+
+def test_finetune_shorthand_lists_and_defaults():
+    default = resolve([]).config.finetune
+    assert (default.mode, default.lora_rank, default.lora_alpha) == ("full", 16, 32)
+    assert default.lora_target_modules == "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+    resolved = resolve([Layer("hero", {"finetune": "lora"}, "h.yaml"),
+                        Layer("campaign", {"finetune": {"lora_target_modules": ["q_proj", "v_proj"]}}, "c.json"),
+                        Layer("cli", {"lora_rank": "8", "finetune.lora_dropout": "0"}, "--set", from_text=True)])
+    ft = resolved.config.finetune
+    assert (ft.mode, ft.lora_rank, ft.lora_dropout, ft.lora_target_modules) == ("lora", 8, 0.0, "q_proj,v_proj")
+    assert resolved.sources["finetune.mode"] == "hero" and resolved.sources["finetune.lora_rank"] == "cli"
+    text = resolve([Layer("cli", {"lora_target_modules": " q_proj , o_proj "}, "--set", from_text=True)])
+    assert text.config.finetune.lora_target_modules == "q_proj,o_proj"
+
+
+def test_bad_finetune_values_are_all_reported():
+    with pytest.raises(ConfigError) as info:
+        resolve([Layer("cli", {"finetune": "adapters", "lora_rank": "0", "lora_dropout": "1.5",
+                               "lora_target_modules": "q proj"}, "--set", from_text=True)])
+    problems = info.value.problems
+    assert len(problems) == 4
+    assert "'finetune'" in problems[0] and "must be one of full, lora, qlora, got 'adapters'" in problems[0]
+    assert "lora_rank" in problems[1] and "must be positive" in problems[1]
+    assert "lora_dropout" in problems[2] and "[0, 1)" in problems[2]
+    assert "lora_target_modules" in problems[3] and "module names" in problems[3]
+
+
+def test_global_batch_must_be_a_multiple_of_the_micro_batch():
+    assert resolve([Layer("cli", {"global_batch_size": "16", "batch_size": "4"}, "--set", True)]).config
+    with pytest.raises(ConfigError, match=r"global_batch_size 10 is not a multiple of hyperparams.batch_size 4"):
+        resolve([Layer("cli", {"global_batch_size": "10", "batch_size": "4"}, "--set", from_text=True)])
+
+
+def test_locked_block_holds_the_finetune_mode():
+    from config.schema import FinetuneConfig
+    from heroes.profile import load_hero
+
+    hero = load_hero("tiny-qwen3")
+    full = build_locked_config(hero, "/m", 256, None, finetune=FinetuneConfig())
+    lora = build_locked_config(hero, "/m", 256, None, finetune=FinetuneConfig(mode="lora", lora_rank=8))
+    assert full["finetune_mode"] == "full" and full["lora_rank"] is None
+    assert (lora["finetune_mode"], lora["lora_rank"], lora["lora_alpha"]) == ("lora", 8, 32)
+    assert locked_differences(full, lora) == [
+        "finetune_mode: campaign has 'full', job resolves 'lora'", "lora_rank: campaign has None, job resolves 8",
+        "lora_alpha: campaign has None, job resolves 32",
+        "lora_target_modules: campaign has None, job resolves 'q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,"
+        "down_proj'"]
+    # A campaign stored before the finetune fields existed trained fully: it still matches a full job, not a LoRA one.
+    legacy = build_locked_config(hero, "/m", 256, None)
+    assert "finetune_mode" not in legacy and locked_differences(legacy, full) == []
+    assert locked_differences(legacy, lora)[0] == "finetune_mode: campaign has 'full', job resolves 'lora'"
+    changed = build_locked_config(hero, "/m", 256, None, finetune=FinetuneConfig(mode="lora", lora_rank=16))
+    assert locked_differences(lora, changed) == ["lora_rank: campaign has 8, job resolves 16"]
+    # Dropout is a training setting, not part of what the checkpoints are.
+    assert locked_differences(lora, build_locked_config(
+        hero, "/m", 256, None, finetune=FinetuneConfig(mode="lora", lora_rank=8, lora_dropout=0.2))) == []
