@@ -20,7 +20,7 @@ def test_enqueue_creates_job_and_message(run_cli, redis_client, guild_home):
     assert record["status"] == "queued" and record["priority"] == "high"
     assert record["num_examples"] == 240 and record["estimated_tokens"] > 1000
     assert record["hero_id"] == "tiny-qwen3" and record["campaign_id"] == "main-tiny-qwen3"
-    assert record["id"].endswith("_chat_small.jsonl")
+    assert record["id"].endswith("_chat_small") and ":" not in record["id"]
     # trained from a content-addressed copy, not the user's file
     assert record["dataset_path"].startswith(str(guild_home / "datasets"))
     assert _queue_lengths(redis_client) == {"high": 1, "normal": 0, "low": 0}
