@@ -415,5 +415,8 @@ class MemoryJobStore:
     def server_health(self) -> ServerHealth:
         return ServerHealth(aof_enabled=True, eviction_policy="noeviction", version="memory")
 
+    def check_writable(self, campaign_id: str) -> None:
+        return None
+
     def check_layout(self) -> list[str]:
         return []

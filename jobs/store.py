@@ -26,6 +26,7 @@ import redis
 
 from config.clock import utc_now
 from jobs import keys
+from jobs import redis_scripts as scripts
 from jobs.errors import DuplicateDataset, IllegalTransition, NotOwner, StoreLayoutError, UnknownJob
 from jobs.history import JobHistoryLog
 from jobs.job import ACTIVE, FIELDS, Job, JobStatus, StopReason, check_transition, id_variant
@@ -50,63 +51,6 @@ LIVE_STATUSES = (JobStatus.QUEUED, JobStatus.PROCESSING, JobStatus.COMPLETED)  #
 CLI_CLIENT = {"socket_connect_timeout": 5, "socket_timeout": 30}
 WORKER_CLIENT = {"socket_connect_timeout": 5, "socket_timeout": 5, "health_check_interval": 15,
                  "socket_keepalive": True, "retry_on_timeout": False}
-
-# ---------------------------------------------------------------------------------------------- Lua scripts
-
-# KEYS: the keys written; ARGV[1]: JSON list of [command, key index, arg...]. Checks every key's type first and
-# writes nothing when one is wrong, then runs every command. A script runs atomically, so nothing else interleaves.
-_CHECKED_WRITE = """
-local ops = cjson.decode(ARGV[1])
-local want = {hset='hash', hdel='hash', zadd='zset', zrem='zset', sadd='set', srem='set', rpush='list',
-              lpush='list', ltrim='list', set='string'}
-for _, op in ipairs(ops) do
-  local expected = want[op[1]]
-  if expected then
-    local actual = redis.call('TYPE', KEYS[op[2]])['ok']
-    if actual ~= 'none' and actual ~= expected then
-      return redis.error_reply('GUILDTYPE ' .. KEYS[op[2]] .. ' ' .. actual .. ' ' .. expected)
-    end
-  end
-end
-for _, op in ipairs(ops) do
-  local args = {}
-  for i = 3, #op do args[#args + 1] = op[i] end
-  redis.call(op[1], KEYS[op[2]], unpack(args))
-end
-return #ops
-"""
-
-# KEYS[1]: the job; ARGV: claim token (JSON), heartbeat_at (JSON), progress (JSON or "" for none).
-# Writes the beat only while the token still owns the job; returns {owned, stop_request or false}.
-_BEAT = """
-if redis.call('HGET', KEYS[1], 'claim') ~= ARGV[1] then return {0, false} end
-redis.call('HSET', KEYS[1], 'heartbeat_at', ARGV[2])
-if ARGV[3] ~= '' then redis.call('HSET', KEYS[1], 'progress', ARGV[3]) end
-return {1, redis.call('HGET', KEYS[1], 'stop_request')}
-"""
-
-_LOCK_RENEW = ("if redis.call('get', KEYS[1]) == ARGV[1] then "
-               "return redis.call('pexpire', KEYS[1], ARGV[2]) else return 0 end")
-_LOCK_RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end"
-
-# Kombu's Redis transport LPUSHes messages and BRPOPs them, so the right end of a queue's list is its head.
-# Per-message priorities can't be used for "go first": kombu polls every queue's priority-0 list before any
-# priority-3 list, which would break the strict high → normal → low order. Instead the job's message is moved
-# to the head in one atomic script, found by its task id (= the job id) in the message headers (ARGV: the id as
-# written raw and JSON-escaped, since a non-ASCII id may be written either way).
-_MOVE_TO_HEAD = """
-local items = redis.call('lrange', KEYS[1], 0, -1)
-for i = #items, 1, -1 do
-  local item = items[i]
-  if string.find(item, ARGV[1], 1, true) or string.find(item, ARGV[2], 1, true) then
-    redis.call('lrem', KEYS[1], 1, item)
-    redis.call('rpush', KEYS[1], item)
-    return 1
-  end
-end
-return 0
-"""
-
 
 def _encode(value: Any) -> str:
     if isinstance(value, (JobStatus, StopReason)):
@@ -195,7 +139,7 @@ class JobStore:
 
     def _checked(self, pipe, ops: _Ops) -> None:
         """Queue ``ops`` as one checked write in the MULTI of ``pipe`` (the caller then executes)."""
-        pipe.execute_command("EVALSHA", self._script("checked", _CHECKED_WRITE), len(ops.keys), *ops.keys,
+        pipe.execute_command("EVALSHA", self._script("checked", scripts.CHECKED_WRITE), len(ops.keys), *ops.keys,
                              json.dumps(ops.ops))
 
     def _run_checked(self, pipe) -> None:
@@ -538,7 +482,7 @@ class JobStore:
     def beat(self, job_id: str, token: str, progress: dict[str, Any] | None = None) -> BeatReply:
         """A running job's sign of life (and its progress), written only while ``token`` owns the job; one round
         trip that also brings back the job's stop request."""
-        owned, stop = self._eval("beat", _BEAT, 1, keys.JOB.format(id=job_id), json.dumps(token),
+        owned, stop = self._eval("beat", scripts.BEAT, 1, keys.JOB.format(id=job_id), json.dumps(token),
                                  json.dumps(self._clock()), "" if progress is None else json.dumps(progress))
         return BeatReply(bool(owned), _stop_reason(stop))
 
@@ -605,11 +549,11 @@ class JobStore:
 
     def renew_campaign_lock(self, campaign_id: str, token: str, lease_s: float) -> bool:
         """Extend the lease; False when ``token`` no longer holds it (expired, and maybe taken by someone else)."""
-        return bool(self._eval("lock-renew", _LOCK_RENEW, 1, keys.CAMPAIGN_LOCK.format(id=campaign_id), token,
+        return bool(self._eval("lock-renew", scripts.LOCK_RENEW, 1, keys.CAMPAIGN_LOCK.format(id=campaign_id), token,
                                int(lease_s * 1000)))
 
     def release_campaign_lock(self, campaign_id: str, token: str) -> None:
-        self._eval("lock-release", _LOCK_RELEASE, 1, keys.CAMPAIGN_LOCK.format(id=campaign_id), token)
+        self._eval("lock-release", scripts.LOCK_RELEASE, 1, keys.CAMPAIGN_LOCK.format(id=campaign_id), token)
 
     def campaign_lock_holder(self, campaign_id: str) -> str | None:
         """The token holding the campaign's lock, or None."""
@@ -694,7 +638,7 @@ class JobStore:
         """Put the waiting message of ``job_id`` before every other of ``queue``; False when it is not there."""
         raw = f'"id": "{job_id}"'
         escaped = '"id": ' + json.dumps(job_id)
-        return bool(self._eval("to-head", _MOVE_TO_HEAD, 1, queue, raw, escaped))
+        return bool(self._eval("to-head", scripts.MOVE_TO_HEAD, 1, queue, raw, escaped))
 
     # ---------------------------------------------------------------------------------------------- server
 
@@ -709,6 +653,21 @@ class JobStore:
         return ServerHealth(aof_enabled=str(persistence.get("aof_enabled")) == "1",
                             eviction_policy=str(memory.get("maxmemory_policy", "unknown")),
                             version=str(server.get("redis_version", "")))
+
+    def check_writable(self, campaign_id: str) -> None:
+        """Raise StoreLayoutError when a key an enqueue into ``campaign_id`` writes has the wrong type: one round
+        trip, so a batch is refused before its datasets are stored or its campaign is created. (``create`` checks
+        again, atomically, whatever happens in between.)"""
+        probe = Job(id="-", dataset_path="", hero_id="", campaign_id=campaign_id, priority=PRIORITIES[0])
+        wanted = [(key, expected_type(key)) for _kind, key, _value in self._entries(probe, "-")]
+        wanted = [(k, t) for k, t in wanted if not k.startswith(keys.DATASET_OWNER.format(sha=""))]
+        with self._redis.pipeline(transaction=False) as pipe:
+            for key, _ in wanted:
+                pipe.type(key)
+            actual = [_text(t) for t in pipe.execute()]
+        for (key, want), got in zip(wanted, actual):
+            if got not in ("none", want):
+                raise StoreLayoutError(_wrong_type_text(key, got, want) + "; nothing was written")
 
     def check_layout(self) -> list[str]:
         """One line per Guild key (or priority queue) whose Redis type is wrong, saying what to do."""

@@ -105,6 +105,7 @@ def submit(settings: Settings, store, request: SubmitRequest, publish: Publisher
     target, plan = plan_request(settings, request)
     files = check_files(request.paths)
     _refuse_duplicates(store, files, request.force)
+    store.check_writable(target.name)  # a corrupted Guild key: refuse before storing datasets or a campaign
     campaign = join_or_create(settings.guild_home, target)
     plan.check_locked(campaign.id, campaign.locked)  # a campaign created concurrently may be of another block
 
