@@ -28,8 +28,3 @@ class CeleryPublisher:
         self.app.send_task(TASK_NAME, args=[job_id], task_id=job_id, queue=priority, routing_key=priority)
         if at_head:
             self.store.move_message_to_head(priority, job_id)
-
-
-def publish_job(app, job_id: str, priority: str, at_head: bool = False, store=None) -> None:
-    """Send one job's message (``at_head`` needs the ``store``)."""
-    CeleryPublisher(app, store)(job_id, priority, at_head)
