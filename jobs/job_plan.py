@@ -75,8 +75,9 @@ class JobPlan:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> JobPlan:
         config = data["config"]
+        hero_fields = {f.name for f in dataclasses.fields(Hero)}  # a plan written by another version of Guild
         return cls(
-            hero=Hero(**data["hero"]), model_path=data["model_path"],
+            hero=Hero(**{k: v for k, v in data["hero"].items() if k in hero_fields}), model_path=data["model_path"],
             config=TrainerConfig.from_flat({f"{g}.{k}": v for g, values in config.items() for k, v in values.items()}),
             queue=QueueConfig(**data["queue"]), sources=dict(data["sources"]), origins=dict(data["origins"]),
             sets=dict(data["sets"]), locked=dict(data["locked"]), config_hash=data["config_hash"],
