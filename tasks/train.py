@@ -36,7 +36,9 @@ class _ProgressEvents:
     """
 
     def __init__(self, task, min_interval_s: float = 1.0):
-        self.task, self.min_interval_s = task, min_interval_s
+        # The task's request is thread-local: read what the events need here, in the task's thread.
+        self.app, self.task_id, self.hostname = task.app, task.request.id, task.request.hostname
+        self.min_interval_s = min_interval_s
         self._latest: dict | None = None
         self._wake = threading.Event()
         self._done = False
@@ -61,9 +63,10 @@ class _ProgressEvents:
             summary = (f"step {progress['step']}/{progress['total_steps']} · loss {progress['loss'] or 0:.4f} · "
                        f"{progress['tokens_per_sec'] or 0:.0f} tok/s · ETA {progress['eta_s'] or 0:.0f} s")
             try:
-                self.task.send_event("task-progress", result=summary, step=progress["step"],
-                                     total_steps=progress["total_steps"], loss=progress["loss"],
-                                     tokens_per_sec=progress["tokens_per_sec"], eta_s=progress["eta_s"])
+                with self.app.events.default_dispatcher(hostname=self.hostname) as dispatcher:
+                    dispatcher.send("task-progress", uuid=self.task_id, result=summary, step=progress["step"],
+                                    total_steps=progress["total_steps"], loss=progress["loss"],
+                                    tokens_per_sec=progress["tokens_per_sec"], eta_s=progress["eta_s"])
             except Exception as exc:  # noqa: BLE001 - monitoring must never stop training
                 logger.debug("progress event not sent: %s", exc)
             time.sleep(self.min_interval_s)
