@@ -74,7 +74,7 @@ def _run(args, store) -> int:
                 data["history"] = store.history(job.id)
             print(json.dumps(data, indent=2))
         else:
-            print(job_view(job))
+            print(job_view(job, plan=True))
             if args.history:
                 for h in store.history(job.id):
                     print(f"  {h['at']}  {h.get('from') or '-'} → {h['to']}  {h.get('reason', '')}")

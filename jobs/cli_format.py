@@ -27,7 +27,7 @@ def job_table(jobs: list[Job]) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
 
 
-def job_view(job: Job, plan: bool = True) -> str:
+def job_view(job: Job, plan: bool = False) -> str:
     """One job's record as ``key: value`` lines, then (``plan``) what it trains."""
     lines = []
     for key, value in job.to_dict().items():
