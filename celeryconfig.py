@@ -6,7 +6,7 @@ Long training jobs on GPU-pinned workers: late acks, one message reserved at a t
 from kombu import Exchange, Queue
 
 from config.settings import get_settings
-from jobs.keys import DEFAULT_VISIBILITY_TIMEOUT_S, PRIORITIES
+from jobs.queues import DEFAULT_VISIBILITY_TIMEOUT_S, PRIORITIES
 
 _settings = get_settings()
 _visibility = _settings.visibility_timeout_s or DEFAULT_VISIBILITY_TIMEOUT_S
@@ -23,6 +23,9 @@ result_backend_transport_options = {"visibility_timeout": _visibility}
 task_acks_late = True
 task_reject_on_worker_lost = True
 worker_prefetch_multiplier = 1
+# A broker connection lost while a job trains must not kill the job (Celery 6 will cancel such tasks by default): the
+# job's own heartbeat and the sweep decide whether it is lost, and the atomic claim drops a redelivered copy.
+worker_cancel_long_running_tasks_on_connection_loss = False
 worker_concurrency = 1  # one job per GPU; run one worker per GPU
 # Declared (not only created on first use) so that monitors such as Flower know all three without asking a worker.
 task_queues = [Queue(name, Exchange(name), routing_key=name) for name in PRIORITIES]

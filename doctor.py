@@ -28,34 +28,38 @@ class Check:
 
 def is_healthy(store, min_depth: int = 0) -> bool:
     """The design's queue-depth rule: queued + processing jobs ≥ ``min_depth``."""
-    from jobs import keys
-
-    depth = sum(store.redis.scard(keys.JOBS_BY_STATUS.format(status=s)) for s in ("queued", "processing"))
-    return depth >= min_depth
+    counts = store.status_counts()
+    return counts["queued"] + counts["processing"] >= min_depth
 
 
 def run_checks(settings, min_depth: int = 0, inspect_timeout_s: float = 2.0) -> list[Check]:
     import redis
 
+    from jobs.store import JobStore
+
     checks: list[Check] = []
-    client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=3, socket_timeout=5)
+    store = JobStore.connect(settings.redis_url, settings.guild_home, worker=True)
     try:
-        client.ping()
+        store.ping()
         checks.append(Check("redis", True, f"reachable at {_redact(settings.redis_url)}"))
     except redis.RedisError as exc:
         checks.append(Check("redis", False, f"cannot reach {_redact(settings.redis_url)}: {exc}",
                             "start it with `make up`, or set REDIS_URL to a running Redis"))
         return checks + _local_checks(settings)
-    aof = client.config_get("appendonly").get("appendonly")
-    checks.append(Check("redis-aof", aof == "yes", f"appendonly={aof}",
+    health = store.server_health()
+    checks.append(Check("redis-aof", health.aof_enabled, f"appendonly={'yes' if health.aof_enabled else 'no'}",
                         "turn AOF on (`CONFIG SET appendonly yes` and in redis.conf): without it a Redis crash loses "
                         "queued jobs"))
-    policy = client.config_get("maxmemory-policy").get("maxmemory-policy")
-    checks.append(Check("redis-eviction", policy == "noeviction", f"maxmemory-policy={policy}",
+    checks.append(Check("redis-eviction", health.eviction_policy == "noeviction",
+                        f"maxmemory-policy={health.eviction_policy}",
                         "set maxmemory-policy noeviction: any other policy may silently drop queued jobs"))
+    wrong = store.check_layout()
+    checks.append(Check("redis-layout", not wrong, f"{len(wrong)} Guild key(s) of the wrong type"
+                        + (": " + "; ".join(wrong) if wrong else ""),
+                        "until then enqueue refuses to write (nothing half-done is left behind)"))
     checks.extend(_worker_checks(inspect_timeout_s))
     checks.extend(_local_checks(settings))
-    checks.extend(_job_checks(settings, client, min_depth))
+    checks.extend(_job_checks(settings, store, min_depth))
     return checks
 
 
@@ -101,27 +105,28 @@ def _local_checks(settings) -> list[Check]:
     return out
 
 
-def _job_checks(settings, client, min_depth: int) -> list[Check]:
-    from jobs import keys
-    from jobs.store import JobStore
+def _job_checks(settings, store, min_depth: int) -> list[Check]:
+    from campaigns.lock import holder_of
 
-    store = JobStore(client, settings.guild_home)
     out = []
     stuck = store.stale_processing(settings.heartbeat_stale_s)
     out.append(Check("stuck-jobs", not stuck, f"{len(stuck)} processing job(s) without a live worker"
                      + (f": {', '.join(stuck)}" if stuck else ""),
                      "start a worker: its sweep puts them back in their queue (or `python -m jobs retry ID`)"))
     stale_locks = []
-    for key in client.scan_iter(match=keys.CAMPAIGN_LOCK.format(id="*")):
-        holder = (client.get(key) or b"").decode().split("|", 1)[0]
-        job_id = holder.split(":", 1)[1] if ":" in holder else ""
+    for campaign_id, token in sorted(store.campaign_locks().items()):
+        holder = holder_of(token) or ""
+        job_id = holder.split(":", 1)[1] if ":" in holder else ""  # the holder is "worker:job"
         if not job_id or job_id in stuck or not store.exists(job_id) or store.get(job_id).status.value != "processing":
-            stale_locks.append(key.decode())
+            stale_locks.append(f"campaign {campaign_id} (held by {holder or '?'})")
     out.append(Check("campaign-locks", not stale_locks, f"{len(stale_locks)} stale campaign lock(s)"
                      + (f": {', '.join(stale_locks)}" if stale_locks else ""),
-                     "they expire with their lease; if not, delete the key"))
-    depth = {s: client.scard(keys.JOBS_BY_STATUS.format(status=s)) for s in ("queued", "processing")}
-    queue_lengths = {q: client.llen(q) for q in keys.PRIORITIES}
+                     "they expire with their lease (GUILD_HEARTBEAT_STALE_S)"))
+    dead = store.dead_letter_count()
+    out.append(Check("dead-letters", dead == 0, f"{dead} message(s) no worker could run, kept aside",
+                     "inspect them (python -m jobs dead-letters) and resend the jobs they were for", warning=True))
+    depth = store.status_counts()
+    queue_lengths = store.message_counts()
     healthy = is_healthy(store, min_depth)
     out.append(Check("queue-depth", healthy, f"{depth['queued']} queued, {depth['processing']} processing; "
                      f"messages high={queue_lengths['high']} normal={queue_lengths['normal']} "

@@ -11,7 +11,7 @@ import json
 import sys
 
 from config.errors import GuildError
-from jobs.keys import PRIORITIES
+from jobs.queues import PRIORITIES
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,28 +34,25 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        import redis
-
         from config.layers import parse_set_args
         from config.settings import get_settings
         from jobs.store import JobStore
         from jobs.submit import SubmitRequest, submit
 
         settings = get_settings()
-        client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=5, socket_timeout=30)
-        store = JobStore(client, settings.guild_home)
+        store = JobStore.connect(settings.redis_url, settings.guild_home)
         request = SubmitRequest(paths=args.files, priority=args.priority, hero_id=args.hero_id,
                                 campaign=args.campaign, sets=parse_set_args(args.sets), force=args.force,
                                 preempt=args.preempt)
 
-        def publish(job_id: str, priority: str) -> None:
-            from tasks.app import app
-            from tasks.publish import publish_job
+        def publish(job_id: str, priority: str, at_head: bool = False) -> None:
+            from tasks.app import app  # imported only when a message goes out: validation errors stay fast
+            from tasks.publish import CeleryPublisher
 
-            publish_job(app, job_id, priority)
+            CeleryPublisher(app, store)(job_id, priority, at_head)
 
         if args.plan:
-            from jobs.plan import hero_throughput, plan_submission
+            from jobs.queue_plan import hero_throughput, plan_submission
 
             plan = plan_submission(settings, store, request, hero_throughput(settings.guild_home))
             _print_plan(plan, args.json)

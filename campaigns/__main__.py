@@ -38,15 +38,15 @@ def main(argv: list[str] | None = None) -> int:
         settings = get_settings()
         store = CampaignStore(settings.guild_home)
         if args.command == "create":
+            from campaigns.campaign import create_campaign
             from config.layers import Layer, canonical_key, parse_set_args, resolve
             from heroes.profile import load_hero
-            from jobs.submit import create_campaign
 
             hero = load_hero(args.hero_id, settings.guild_home)
             sets = parse_set_args(args.sets)
-            typed = resolve([Layer("campaign", sets, "--set", from_text=True)]).config.flat()
+            typed = resolve([Layer("campaign", sets, "--set", from_text=True)]).flat()
             overrides = {canonical_key(k): typed[canonical_key(k)] for k in sets}
-            campaign = create_campaign(settings, hero, args.name, overrides)
+            campaign = create_campaign(settings.guild_home, hero, args.name, overrides)
             print(f"created campaign {campaign.id} (hero {campaign.hero_id}, {campaign.config_hash})")
             return 0
         if args.command == "export":
@@ -88,12 +88,10 @@ def _export(settings, args) -> int:
 
 
 def _write_plot(settings, store, campaign):
-    import redis
-
     from jobs.plots import write_campaign_plot
     from jobs.store import JobStore
 
-    jobs = JobStore(redis.Redis.from_url(settings.redis_url), settings.guild_home).get_many(campaign.job_ids)
+    jobs = JobStore.connect(settings.redis_url, settings.guild_home).get_many(campaign.job_ids)
     records = [{"id": j.id, "loss_history": j.metadata.get("loss_history") or [],
                 "val_history": j.metadata.get("val_history") or []} for j in jobs if j.status.value == "completed"]
     path = store.directory(campaign.hero_id, campaign.id) / "plots" / "campaign.png"

@@ -20,7 +20,12 @@ from pathlib import Path
 from typing import Any
 
 from campaigns.errors import CampaignError, UnknownCampaign
-from jobs.job import utc_now
+from config.clock import utc_now
+from config.code_version import git_commit
+from config.errors import GuildError
+from config.layers import resolve_job_config
+from config.locked import build_locked_config
+from heroes.profile import DEFAULT_HERO, Hero, load_hero
 
 NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
@@ -152,3 +157,74 @@ class CampaignStore:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             raise
+
+
+# ---------------------------------------------------------------------------------------------- founding
+
+
+def new_campaign(guild_home: Path, hero: Hero, name: str, overrides: dict[str, Any]) -> Campaign:
+    """The record of a new campaign of ``hero`` with ``overrides`` (its config layer): config hash and locked block
+    as they resolve now. Raises CampaignError (bad name) or ConfigError (bad overrides)."""
+    check_name(name)
+    resolved = resolve_job_config(guild_home, hero, overrides, None, campaign_origin=f"campaign {name}")
+    locked = build_locked_config(hero, hero.model_path(guild_home), resolved.config.hyperparams.max_length,
+                                 hero.version, finetune=resolved.config.finetune)
+    return Campaign(id=name, hero_id=hero.id, code_version=git_commit(), config_hash=resolved.config.config_hash(),
+                    config_overrides=overrides, locked=locked)
+
+
+def create_campaign(guild_home: Path, hero: Hero, name: str, overrides: dict[str, Any]) -> Campaign:
+    """Create and write a campaign of ``hero``. Raises CampaignError when the name is taken."""
+    return CampaignStore(guild_home).create(new_campaign(guild_home, hero, name, overrides))
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where a submission goes: the hero, and the campaign (None when it does not exist yet) and its name."""
+
+    hero: Hero
+    campaign: Campaign | None
+    name: str
+
+
+def find_target(guild_home: Path, hero_id: str | None, campaign_name: str | None) -> Target:
+    """The hero and campaign a submission goes to; nothing is created here.
+
+    An existing campaign decides the hero (``--hero`` must agree); without ``--campaign`` a job joins its hero's
+    default campaign ``main-<hero>``.
+
+    Raises:
+        CampaignError, HeroError (unknown hero), GuildError (hero and campaign disagree).
+    """
+    store = CampaignStore(guild_home)
+    existing = None
+    if campaign_name is not None:
+        check_name(campaign_name)
+        if store.exists(campaign_name):
+            existing = store.get(campaign_name)
+            if hero_id is not None and hero_id != existing.hero_id:
+                raise GuildError(f"campaign {campaign_name} trains hero {existing.hero_id}, not {hero_id}; "
+                                 f"drop --hero or pick another campaign")
+            hero_id = existing.hero_id
+    hero = load_hero(hero_id or DEFAULT_HERO, guild_home)
+    name = campaign_name or default_campaign_name(hero.id)
+    if existing is None and store.exists(name):
+        existing = store.get(name)
+    return Target(hero, existing, name)
+
+
+def join_or_create(guild_home: Path, target: Target) -> Campaign:
+    """The campaign of ``target``: the existing one, else a new one; a concurrent submitter may create it first,
+    and then this one joins it."""
+    if target.campaign is not None:
+        return target.campaign
+    try:
+        return create_campaign(guild_home, target.hero, target.name, {})
+    except CampaignError:
+        store = CampaignStore(guild_home)
+        if not store.exists(target.name):
+            raise
+        campaign = store.get(target.name)  # created by another submission a moment ago: join it
+        if campaign.hero_id != target.hero.id:
+            raise GuildError(f"campaign {target.name} trains hero {campaign.hero_id}, not {target.hero.id}") from None
+        return campaign

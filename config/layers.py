@@ -15,13 +15,23 @@ collected and raised together as one ConfigError.
 
 from __future__ import annotations
 
+import dataclasses
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from config.errors import ConfigError
-from config.schema import SHORTHANDS, TrainerConfig, check_range, coerce, cross_field_problems, field_specs
+from config.schema import (
+    QUEUE_GROUP,
+    SHORTHANDS,
+    QueueConfig,
+    TrainerConfig,
+    check_range,
+    coerce,
+    cross_field_problems,
+    field_specs,
+)
 
 LAYERS = ("defaults", "hero", "campaign", "project", "cli")
 
@@ -45,13 +55,27 @@ class Layer:
 
 @dataclass(frozen=True)
 class ResolvedConfig:
-    """The resolved config plus, for each dotted field, the layer that set its value."""
+    """The resolved training config and queue settings, with the layer that set each dotted field.
+
+    Attributes:
+        config: the training config (what ``config_hash`` covers).
+        queue: the queue settings, resolved through the same layers but kept outside the training config.
+        sources: dotted key → the layer that set its value ("defaults", "hero", "campaign", "project", "cli").
+        origins: layer → where it came from (a file path, ``--set``, the campaign record).
+    """
 
     config: TrainerConfig
     sources: dict[str, str]
+    queue: QueueConfig = field(default_factory=QueueConfig)
+    origins: dict[str, str] = field(default_factory=dict)
+
+    def flat(self) -> dict[str, Any]:
+        """Every dotted key (training and queue) with its value."""
+        queue = {f"{QUEUE_GROUP}.{k}": v for k, v in dataclasses.asdict(self.queue).items()}
+        return {**self.config.flat(), **queue}
 
     def explain(self) -> dict[str, dict[str, Any]]:
-        flat = self.config.flat()
+        flat = self.flat()
         return {k: {"value": flat[k], "source": self.sources[k]} for k in flat}
 
 
@@ -101,10 +125,12 @@ def resolve(layers: list[Layer]) -> ResolvedConfig:
     specs = field_specs()
     values = {d: s.default for d, s in specs.items()}
     sources = {d: "defaults" for d in specs}
+    origins = {"defaults": "config/schema.py"}
     problems: list[str] = []
     for layer in layers:
         if layer.name not in LAYERS:
             raise ValueError(f"unknown layer {layer.name!r}")
+        origins[layer.name] = layer.origin
         if not isinstance(layer.values, dict):
             problems.append(f"{layer.origin} ({layer.name} layer): expected a mapping of keys to values")
             continue
@@ -128,11 +154,13 @@ def resolve(layers: list[Layer]) -> ResolvedConfig:
             sources[dotted] = layer.name
     if problems:
         raise ConfigError(problems)
-    config = TrainerConfig.from_flat(values)
+    queue = QueueConfig(**{d.split(".", 1)[1]: v for d, v in values.items() if d.startswith(QUEUE_GROUP + ".")})
+    training = {d: v for d, v in values.items() if not d.startswith(QUEUE_GROUP + ".")}
+    config = TrainerConfig.from_flat(training)
     problems = cross_field_problems(config)
     if problems:
         raise ConfigError(problems)
-    return ResolvedConfig(config, sources)
+    return ResolvedConfig(config, sources, queue, origins)
 
 
 def read_project_layer(guild_home: Path) -> Layer | None:

@@ -78,20 +78,20 @@ class FinetuneConfig:
 
 @dataclass(frozen=True)
 class QueueConfig:
-    """How the queue treats a job."""
+    """How the queue treats a job. Set through the same layers as the training config (``queue.max_attempts``),
+    but kept beside it, not inside: changing it does not change the training config or its hash."""
 
-    max_attempts: int = 3
-    preempt_low: bool = False
+    max_attempts: int = 3  # runs a job may start in all (a pause or preemption does not count)
+    preempt_low: bool = False  # a high job makes a running low job step aside when every worker runs one
 
 
 @dataclass(frozen=True)
 class TrainerConfig:
-    """The whole resolved configuration of one job."""
+    """The resolved training configuration of one job (what the engine sees, and what ``config_hash`` covers)."""
 
     hyperparams: Hyperparams = field(default_factory=Hyperparams)
     data: DataConfig = field(default_factory=DataConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
-    queue: QueueConfig = field(default_factory=QueueConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
@@ -126,14 +126,23 @@ class FieldSpec:
     default: Any
 
 
+# Every group a config layer may set: the training config's, then "queue" beside it.
+QUEUE_GROUP = "queue"
+
+
+def config_groups() -> list[tuple[str, type]]:
+    """``[(group name, its dataclass), ...]``: the training config's groups, then the queue settings."""
+    groups = [(f.name, f.default_factory) for f in dataclasses.fields(TrainerConfig)]  # type: ignore[misc]
+    return groups + [(QUEUE_GROUP, QueueConfig)]
+
+
 def field_specs() -> dict[str, FieldSpec]:
-    """Every config field by dotted name, with its type and default."""
+    """Every field a layer may set (training config and queue settings) by dotted name, with type and default."""
     specs: dict[str, FieldSpec] = {}
-    for group in dataclasses.fields(TrainerConfig):
-        group_cls = group.default_factory  # type: ignore[attr-defined]
+    for group_name, group_cls in config_groups():
         hints = get_type_hints(group_cls)
         for f in dataclasses.fields(group_cls):
-            dotted = f"{group.name}.{f.name}"
+            dotted = f"{group_name}.{f.name}"
             specs[dotted] = FieldSpec(dotted, hints[f.name], f.default)
     return specs
 

@@ -38,6 +38,9 @@ class Settings:
         flower_basic_auth: ``FLOWER_BASIC_AUTH`` (``user:password``) or None.
         verbose: ``GUILD_VERBOSE=1`` makes the engine log every step.
         cuda_visible_devices: the GPU a worker is pinned to (informational; CUDA reads it itself).
+        engine_factory: ``GUILD_ENGINE_FACTORY=module:callable``, the training engine a worker builds
+            (``callable(settings)``); unset: the real engine. ``tasks.engines:StandInEngine`` sleeps instead of
+            training (benchmarks and tests of the queue, without torch).
     """
 
     guild_home: Path
@@ -50,6 +53,7 @@ class Settings:
     flower_address: str | None = None
     heartbeat_stale_s: float = 60.0
     sweep_interval_s: float = 15.0
+    engine_factory: str | None = None
 
     @classmethod
     def from_env(cls, environ: dict | None = None) -> Settings:
@@ -77,6 +81,7 @@ class Settings:
             verbose=bool(_flag(env.get("GUILD_VERBOSE"), "GUILD_VERBOSE")),
             cuda_visible_devices=env.get("CUDA_VISIBLE_DEVICES"),
             visibility_timeout_s=vt_int,
+            engine_factory=env.get("GUILD_ENGINE_FACTORY") or None,
         )
 
 

@@ -16,7 +16,7 @@ def build_parser() -> argparse.ArgumentParser:
     ls = sub.add_parser("list", help="list jobs, oldest first")
     ls.add_argument("--status", choices=["queued", "processing", "completed", "failed", "skipped", "cancelled"])
     ls.add_argument("--json", action="store_true")
-    show = sub.add_parser("show", help="one job's record")
+    show = sub.add_parser("show", help="one job's record and its plan (what it trains)")
     show.add_argument("id")
     show.add_argument("--json", action="store_true")
     show.add_argument("--history", action="store_true", help="also print every transition")
@@ -35,19 +35,20 @@ def build_parser() -> argparse.ArgumentParser:
     resume.add_argument("--worker", help="one worker; default: all")
     retry = sub.add_parser("retry", help="queue a failed or cancelled job again (resumes from its checkpoint)")
     retry.add_argument("id")
+    dead = sub.add_parser("dead-letters", help="queue messages no worker could run, kept aside (newest first)")
+    dead.add_argument("--limit", type=int, default=20)
+    dead.add_argument("--json", action="store_true")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        import redis
-
         from config.settings import get_settings
         from jobs.store import JobStore
 
         settings = get_settings()
-        store = JobStore(redis.Redis.from_url(settings.redis_url, socket_connect_timeout=5), settings.guild_home)
+        store = JobStore.connect(settings.redis_url, settings.guild_home)
         return _run(args, store)
     except GuildError as exc:
         return report_error(exc)
@@ -73,7 +74,7 @@ def _run(args, store) -> int:
                 data["history"] = store.history(job.id)
             print(json.dumps(data, indent=2))
         else:
-            print(job_view(job))
+            print(job_view(job, plan=True))
             if args.history:
                 for h in store.history(job.id):
                     print(f"  {h['at']}  {h.get('from') or '-'} → {h['to']}  {h.get('reason', '')}")
@@ -85,7 +86,7 @@ def _run(args, store) -> int:
         return watch_jobs(store, [args.id], timeout_s=args.timeout)
     if args.command == "plan":
         from config.settings import get_settings
-        from jobs.plan import build_plan, hero_throughput
+        from jobs.queue_plan import build_plan, hero_throughput
 
         plan = build_plan(store, hero_throughput(get_settings().guild_home, args.gpu), args.workers)
         if args.json:
@@ -105,10 +106,10 @@ def _run(args, store) -> int:
 
         who = args.worker or "all workers"
         if args.command == "pause":
-            stopped = pause_workers(app, store, args.worker)
+            stopped = pause_workers(app.control, store, args.worker)
             print(f"paused {who}" + (f"; checkpointing and requeuing {', '.join(stopped)}" if stopped else ""))
         else:
-            resume_workers(app, store, args.worker)
+            resume_workers(app.control, store, args.worker)
             print(f"resumed {who}")
         return 0
     if args.command in ("cancel", "retry"):
@@ -118,9 +119,20 @@ def _run(args, store) -> int:
             print(cancel_job(store, args.id))
         else:
             from tasks.app import app
-            from tasks.publish import publish_job
+            from tasks.publish import CeleryPublisher
 
-            print(retry_job(store, args.id, lambda jid, prio: publish_job(app, jid, prio)))
+            print(retry_job(store, args.id, CeleryPublisher(app, store)))
+        return 0
+    if args.command == "dead-letters":
+        import dataclasses
+
+        letters = store.dead_letters(args.limit)
+        if args.json:
+            print(json.dumps([dataclasses.asdict(d) for d in letters], indent=2))
+        else:
+            print(f"{store.dead_letter_count()} dead letter(s)")
+            for d in letters:
+                print(f"  {d.at}  queue {d.queue}  {d.body_bytes} bytes  {d.error.splitlines()[0] if d.error else ''}")
         return 0
     raise AssertionError(args.command)  # pragma: no cover
 

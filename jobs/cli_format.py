@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from jobs.job import Job
+from jobs.job_plan import JobPlan
 
 
 def _fmt(value: Any) -> str:
@@ -25,10 +27,11 @@ def job_table(jobs: list[Job]) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
 
 
-def job_view(job: Job) -> str:
+def job_view(job: Job, plan: bool = False) -> str:
+    """One job's record as ``key: value`` lines, then (``plan``) what it trains."""
     lines = []
     for key, value in job.to_dict().items():
-        if key in ("metadata", "artifacts"):
+        if key in ("metadata", "artifacts", "plan"):
             continue
         lines.append(f"{key + ':':18} {_fmt(value)}")
     meta = job.metadata or {}
@@ -37,4 +40,28 @@ def job_view(job: Job) -> str:
     for key in ("checkpoint", "source_path", "num_truncated", "num_dropped"):
         if meta.get(key) is not None:
             lines.append(f"{key + ':':18} {_fmt(meta[key])}")
+    if plan and job.plan is not None:
+        lines.append(plan_view(job.plan))
+    return "\n".join(lines)
+
+
+def plan_view(plan: JobPlan) -> str:
+    """The frozen plan: hero, model, hash, locked block, then every config value with the layer that set it."""
+    lines = ["plan (resolved at enqueue; what the worker trains):",
+             f"  {'hero:':16} {plan.hero.id} ({plan.hero.source})",
+             f"  {'model:':16} {plan.model_path}" + (f" (hub {plan.hub_name})" if plan.hub_name != plan.model_path
+                                                      else ""),
+             f"  {'config_hash:':16} {plan.config_hash}",
+             f"  {'git_commit:':16} {_fmt(plan.git_commit)}",
+             f"  {'resolved_at:':16} {plan.resolved_at}",
+             "  locked: " + ", ".join(f"{k}={_fmt(v)}" for k, v in plan.locked.items())]
+    if plan.sets:
+        lines.append("  --set: " + " ".join(f"{k}={v}" for k, v in plan.sets.items()))
+    flat = {**plan.config.flat(), **{f"queue.{k}": v for k, v in dataclasses.asdict(plan.queue).items()}}
+    width = max(len(k) for k in flat)
+    for key, value in flat.items():
+        source = plan.sources.get(key, "defaults")
+        origin = plan.origins.get(source, "")
+        where = source + (f" ({origin})" if origin and source != "defaults" else "")
+        lines.append(f"  {key.ljust(width)}  {_fmt(value):>12}  {where}")
     return "\n".join(lines)

@@ -17,3 +17,17 @@ class IllegalTransition(JobError):
 
 class DuplicateDataset(JobError):
     """Raised when a dataset's content is already queued, running or completed (use --force to enqueue anyway)."""
+
+
+class NotOwner(IllegalTransition):
+    """Raised when a worker writes to a job it no longer runs: the job was taken over (its worker stalled past the
+    stale window) or ended meanwhile. The writer must drop its results; the current owner's stand."""
+
+
+class PlanMismatch(JobError):
+    """Raised when a job's frozen plan no longer fits its campaign (the locked architecture block differs)."""
+
+
+class StoreLayoutError(JobError):
+    """Raised when a Guild key in Redis holds the wrong type (written by something else, e.g. a queue name); the
+    store refuses to write rather than leave a half-done change. ``python -m doctor`` lists every such key."""

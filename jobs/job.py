@@ -13,12 +13,19 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import unicodedata
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime
 from enum import Enum
+from pathlib import PurePath
 from typing import Any
 
+from config.clock import utc_now
 from jobs.errors import IllegalTransition
+from jobs.job_plan import JobPlan
+
+__all__ = ["ACTIVE", "ALLOWED", "FIELDS", "TERMINAL", "Job", "JobStatus", "StopReason", "check_transition",
+           "id_variant", "make_job_id", "utc_now"]
 
 
 class JobStatus(str, Enum):
@@ -54,18 +61,49 @@ def check_transition(job_id: str, current: JobStatus, target: JobStatus) -> None
                                 f"from {current.value} it may go to {allowed}")
 
 
-def utc_now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+class StopReason(str, Enum):
+    """Why a running job is asked to stop at its next step (``JobStore.request_stop``)."""
+
+    CANCEL = "cancel"  # by an operator: the job checkpoints and ends cancelled
+    PAUSE = "pause"  # its worker is paused: the job checkpoints and goes back to the head of its queue
+    PREEMPT = "preempt"  # a high job needs the GPU: same as pause, on a low job
+    LOCK_LOST = "campaign lock lost"  # set by the worker itself: another worker may own the campaign now
+    TAKEN_OVER = "taken over"  # set by the worker itself: the job was given to another worker (this one stalled)
+
+    def __str__(self) -> str:
+        return self.value
 
 
-_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+_UNSAFE = re.compile(r"[^\w.-]+")  # \w is Unicode-aware: letters of every script and digits are kept
+ID_TIME_FORMAT = "%Y%m%dT%H%M%S"  # ISO 8601 basic format: no colons (they break scp and some file systems)
+MAX_NAME_CHARS = 80
+
+
+def _fold(char: str) -> str:
+    """``é`` → ``e``, ``ﬁ`` → ``fi``: a character whose compatibility decomposition minus its accents is ASCII;
+    any other character as it is (``数``, ``が``, ``ß``), so no script loses its meaning."""
+    bare = "".join(c for c in unicodedata.normalize("NFKD", char) if not unicodedata.combining(c))
+    return bare if bare.isascii() else char
+
+
+def _readable_name(filename: str) -> str:
+    """A file's stem as safe id characters: accents folded to ASCII (café → cafe), other scripts kept (数据)."""
+    stem = PurePath(filename).stem if PurePath(filename).suffix else filename
+    folded = "".join(_fold(c) for c in unicodedata.normalize("NFC", stem))
+    name = _UNSAFE.sub("_", folded).strip("._-")
+    return name[:MAX_NAME_CHARS].rstrip("._-") or "dataset"
 
 
 def make_job_id(filename: str, when: datetime | None = None) -> str:
-    """``YYYY-MM-DDTHH:MM:SS_<filename>`` (local time, filename reduced to safe characters)."""
+    """``YYYYMMDDTHHMMSS_<name>``: local time, then the file's name without its extension, reduced to letters
+    (of any script; accents folded), digits, ``.``, ``-`` and ``_``. Safe as a path segment, in a URL and for scp."""
     when = when or datetime.now()
-    name = _UNSAFE.sub("_", filename).strip("._") or "dataset"
-    return f"{when.strftime('%Y-%m-%dT%H:%M:%S')}_{name[:80]}"
+    return f"{when.strftime(ID_TIME_FORMAT)}_{_readable_name(filename)}"
+
+
+def id_variant(base_id: str, n: int) -> str:
+    """The ``n``-th candidate id for ``base_id`` (1: itself; then ``base-2``, ``base-3``...): used on collision."""
+    return base_id if n == 1 else f"{base_id}-{n}"
 
 
 @dataclass
@@ -101,10 +139,12 @@ class Job:
     progress: dict[str, Any] | None = None
     artifacts: dict[str, str] = field(default_factory=dict)  # files a finished job produced (loss_plot, ...)
     metadata: dict[str, Any] = field(default_factory=dict)
+    plan: JobPlan | None = None  # what it trains, resolved once at enqueue (None only for hand-made records)
 
     def to_dict(self) -> dict[str, Any]:
-        data = dataclasses.asdict(self)
+        data = dataclasses.asdict(dataclasses.replace(self, plan=None))
         data["status"] = self.status.value
+        data["plan"] = self.plan.to_dict() if self.plan is not None else None
         return data
 
     @classmethod
@@ -112,6 +152,8 @@ class Job:
         names = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in data.items() if k in names}
         kwargs["status"] = JobStatus(kwargs.get("status", "queued"))
+        plan = kwargs.get("plan")
+        kwargs["plan"] = JobPlan.from_dict(plan) if isinstance(plan, dict) else plan
         return cls(**kwargs)
 
 

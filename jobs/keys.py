@@ -1,10 +1,12 @@
-"""Redis key names and queue constants, defined once."""
+"""The Redis layout of the job store: key names and their types.
+
+Private to :mod:`jobs.store` (``tests/test_layering.py`` fails when any other product module imports it or
+writes a ``guild:`` key); other code asks the store. Tests may read it to inspect Redis directly.
+"""
 
 PREFIX = "guild:"
-PRIORITIES = ("high", "normal", "low")  # also the Celery queue names, consumed strictly in this order
-PRIORITY_RANK = {name: rank for rank, name in enumerate(PRIORITIES)}
 
-JOB = PREFIX + "job:{id}"                      # hash: one JSON-encoded value per Job field
+JOB = PREFIX + "job:{id}"                      # hash: one JSON-encoded value per Job field + runtime fields
 JOB_HISTORY = PREFIX + "job:{id}:history"      # list of JSON transition records
 JOBS_ALL = PREFIX + "jobs:all"                  # zset: id → created_at (epoch seconds)
 JOBS_BY_STATUS = PREFIX + "jobs:status:{status}"  # set of ids
@@ -17,15 +19,26 @@ CAMPAIGN_LOCK = PREFIX + "campaign:{id}:lock"   # string: holder token, with a l
 CAMPAIGN_PENDING = PREFIX + "campaign:{id}:pending"  # zset of queued/processing jobs of a campaign, queue order
 CONTROL_PAUSED = PREFIX + "control:paused"      # set of paused worker names
 WORKERS = PREFIX + "workers"                    # hash: worker name → epoch seconds of its last sign of life
+DEAD_LETTERS = PREFIX + "dead-letters"          # list of JSON records of messages no worker could run
 
 PRIORITY_SCORE_SCALE = 10**12
+DEAD_LETTERS_KEPT = 1000  # the newest this many; older ones are trimmed
 
-DEFAULT_HEARTBEAT_S = 5.0
-DEFAULT_HEARTBEAT_STALE_S = 60.0
-DEFAULT_CAMPAIGN_LEASE_S = 60.0
-DEFAULT_VISIBILITY_TIMEOUT_S = 7 * 24 * 3600  # above the longest job a user may run
-DEFAULT_DEFER_DELAY_S = 1.0  # how long a job whose campaign is busy waits before going back to its queue
-
-
-def queue_score(priority: str, seq: int) -> float:
-    return PRIORITY_RANK[priority] * PRIORITY_SCORE_SCALE + seq
+# The Redis type of every Guild key, for check_layout() and for the type check before every write.
+# Patterns use "*" where the key names an id.
+TYPES = {
+    JOB.format(id="*"): "hash",
+    JOB_HISTORY.format(id="*"): "list",
+    JOBS_ALL: "zset",
+    JOBS_BY_STATUS.format(status="*"): "set",
+    JOBS_QUEUED: "zset",
+    JOBS_UNPUBLISHED: "zset",
+    JOBS_SUMMARY: "hash",
+    JOB_SEQ: "string",
+    DATASET_OWNER.format(sha="*"): "set",
+    CAMPAIGN_LOCK.format(id="*"): "string",
+    CAMPAIGN_PENDING.format(id="*"): "zset",
+    CONTROL_PAUSED: "set",
+    WORKERS: "hash",
+    DEAD_LETTERS: "list",
+}

@@ -1,28 +1,27 @@
-"""Submitting datasets: validate a whole batch, then store, record and queue every file of it, or none.
+"""Submitting datasets: validate a whole batch, resolve its plan once, then store, record and queue every file of
+it, or none.
 
-Used by ``python -m enqueue``. Imports neither torch nor transformers.
+Used by ``python -m enqueue``. Imports neither torch nor transformers, nor Celery: the caller injects the publisher.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from campaigns.campaign import Campaign, CampaignStore, check_name, default_campaign_name
-from campaigns.errors import CampaignError
-from config.code_version import git_commit
+from campaigns.campaign import CampaignStore, find_target, join_or_create
 from config.errors import ConfigError, GuildError
-from config.layers import resolve_job_config
-from config.locked import build_locked_config
 from config.settings import Settings
-from engine.formats import DatasetError, parse_bytes
-from heroes.profile import DEFAULT_HERO, load_hero
+from engine.formats import DatasetError, estimate_tokens, parse_bytes, read_bytes
+from jobs.control import preempt_low_if_needed
 from jobs.datasets import store_dataset
 from jobs.errors import DuplicateDataset
 from jobs.job import Job, make_job_id
-from jobs.keys import PRIORITIES
-from jobs.store import JobStore
+from jobs.job_plan import JobPlan, resolve_plan
+from jobs.publisher import Publisher
+from jobs.queues import PRIORITIES
 
 logger = logging.getLogger(__name__)
 
@@ -54,10 +53,6 @@ class BatchRejected(GuildError):
 
 def check_files(paths: list[str]) -> list[CheckedFile]:
     """Read and validate every file completely. Raises BatchRejected listing every problem of every file."""
-    import hashlib
-
-    from engine.formats import estimate_tokens, read_bytes
-
     checked, problems = [], []
     for path in paths:
         try:
@@ -73,85 +68,52 @@ def check_files(paths: list[str]) -> list[CheckedFile]:
     return checked
 
 
-def resolve_campaign(settings: Settings, hero_id: str | None, campaign_name: str | None,
-                     sets: dict[str, str]) -> tuple[object, Campaign | None, str, object]:
-    """The hero and campaign a submission goes to (the campaign is not created here), and the resolved config.
-
-    Returns:
-        (hero, existing campaign or None, campaign name, resolved TrainerConfig).
-    """
-    store = CampaignStore(settings.guild_home)
-    existing = None
-    if campaign_name is not None:
-        check_name(campaign_name)
-        if store.exists(campaign_name):
-            existing = store.get(campaign_name)
-            if hero_id is not None and hero_id != existing.hero_id:
-                raise GuildError(f"campaign {campaign_name} trains hero {existing.hero_id}, not {hero_id}; "
-                                 f"drop --hero or pick another campaign")
-            hero_id = existing.hero_id
-    hero = load_hero(hero_id or DEFAULT_HERO, settings.guild_home)
-    name = campaign_name or default_campaign_name(hero.id)
-    if existing is None and store.exists(name):
-        existing = store.get(name)
-    # Resolve the whole config now: a bad --set or config.json fails the batch before anything is queued.
-    resolved = resolve_job_config(settings.guild_home, hero, existing.config_overrides if existing else None, sets)
-    return hero, existing, name, resolved.config
-
-
-def ensure_campaign(settings: Settings, hero, existing: Campaign | None, name: str) -> Campaign:
-    """The campaign to join: ``existing``, else a new one; a concurrent submitter may create it first."""
-    if existing is not None:
-        return existing
-    try:
-        return create_campaign(settings, hero, name, {})
-    except CampaignError:
-        store = CampaignStore(settings.guild_home)
-        if not store.exists(name):
-            raise
-        campaign = store.get(name)  # created by another submission a moment ago: join it
-        if campaign.hero_id != hero.id:
-            raise GuildError(f"campaign {name} trains hero {campaign.hero_id}, not {hero.id}") from None
-        return campaign
-
-
-def create_campaign(settings: Settings, hero, name: str, overrides: dict) -> Campaign:
-    """Create and write a campaign of ``hero`` with ``overrides`` (the campaign config layer)."""
-    resolved = resolve_job_config(settings.guild_home, hero, overrides, None, campaign_origin=f"campaign {name}")
-    locked = build_locked_config(hero, hero.model_path(settings.guild_home), resolved.config.hyperparams.max_length,
-                                 hero.version)
-    campaign = Campaign(id=check_name(name), hero_id=hero.id, code_version=git_commit(),
-                        config_hash=resolved.config.config_hash(), config_overrides=overrides, locked=locked)
-    return CampaignStore(settings.guild_home).create(campaign)
-
-
-def submit(settings: Settings, store: JobStore, request: SubmitRequest, publish) -> list[Job]:
-    """Validate the batch, then store datasets, create jobs and publish their messages.
-
-    Args:
-        publish: ``publish(job_id, priority)`` sends one job's message.
-
-    Raises:
-        BatchRejected, ConfigError, DuplicateDataset, HeroError, CampaignError: nothing was enqueued.
-    """
+def check_request(request: SubmitRequest) -> None:
+    """Raise ConfigError for options that contradict each other."""
     if request.priority not in PRIORITIES:
         raise ConfigError([f"--priority {request.priority!r}: use one of {', '.join(PRIORITIES)}"])
-    hero, existing, campaign_name, config = resolve_campaign(settings, request.hero_id, request.campaign,
-                                                             request.sets)
+
+
+def plan_request(settings: Settings, request: SubmitRequest):
+    """The target (hero, campaign) and the frozen plan of a submission; nothing is created.
+
+    Raises:
+        ConfigError, HeroError, CampaignError, PlanMismatch (the campaign's locked block differs from the hero's).
+    """
+    target = find_target(settings.guild_home, request.hero_id, request.campaign)
+    overrides = target.campaign.config_overrides if target.campaign is not None else None
+    # Resolve the whole config now, once: a bad --set or config.json fails the batch before anything is queued,
+    # and what the worker trains is exactly what was validated and hashed here.
+    plan = resolve_plan(settings.guild_home, target.hero, target.name, overrides, request.sets)
+    if target.campaign is not None:
+        plan.check_locked(target.campaign.id, target.campaign.locked)
+    return target, plan
+
+
+def submit(settings: Settings, store, request: SubmitRequest, publish: Publisher) -> list[Job]:
+    """Validate the batch, resolve its plan, then store datasets, create jobs and publish their messages.
+
+    Args:
+        store: the job store (:class:`jobs.store.JobStore` or the in-memory one).
+        publish: sends one job's message (``tasks.publish.CeleryPublisher``).
+
+    Raises:
+        BatchRejected, ConfigError, DuplicateDataset, HeroError, CampaignError, PlanMismatch, StoreLayoutError:
+        nothing was enqueued.
+    """
+    check_request(request)
+    target, plan = plan_request(settings, request)
     files = check_files(request.paths)
     _refuse_duplicates(store, files, request.force)
-    campaign = ensure_campaign(settings, hero, existing, campaign_name)
+    store.check_writable(target.name)  # a corrupted Guild key: refuse before storing datasets or a campaign
+    campaign = join_or_create(settings.guild_home, target)
+    plan.check_locked(campaign.id, campaign.locked)  # a campaign created concurrently may be of another block
 
     created: list[Job] = []
     try:
         for f in files:
-            stored = store_dataset(settings.guild_home, f.sha256, f.data)
-            job = Job(id=make_job_id(Path(f.path).name), dataset_path=str(stored), hero_id=hero.id,
-                      campaign_id=campaign.id, priority=request.priority, num_examples=f.num_examples,
-                      estimated_tokens=f.estimated_tokens, git_commit=git_commit(),
-                      metadata={"source_path": str(Path(f.path).resolve()), "format": f.format,
-                                "config_sets": dict(request.sets)})
-            created.append(store.create(job, f.sha256, force=request.force))
+            created.append(store.create(_new_job(settings, f, request, campaign.id, plan), f.sha256,
+                                        force=request.force))
         for job in created:
             publish(job.id, job.priority)
         store.mark_published([j.id for j in created])
@@ -160,54 +122,41 @@ def submit(settings: Settings, store: JobStore, request: SubmitRequest, publish)
         raise
     with CampaignStore(settings.guild_home).edit(campaign.id) as c:
         c.job_ids.extend(j.id for j in created if j.id not in c.job_ids)
-    if request.priority == "high" and (request.preempt or config.queue.preempt_low):
-        from jobs.control import preempt_low_if_needed
-
+    if request.priority == "high" and (request.preempt or plan.queue.preempt_low):
         preempted = preempt_low_if_needed(store, settings.heartbeat_stale_s)
         if preempted:
             logger.warning("preempting low job %s for %s", preempted, created[0].id)
     return created
 
 
-def _refuse_duplicates(store: JobStore, files: list[CheckedFile], force: bool) -> None:
+def _new_job(settings: Settings, f: CheckedFile, request: SubmitRequest, campaign_id: str, plan: JobPlan) -> Job:
+    stored = store_dataset(settings.guild_home, f.sha256, f.data)
+    return Job(id=make_job_id(Path(f.path).name), dataset_path=str(stored), hero_id=plan.hero.id,
+               campaign_id=campaign_id, priority=request.priority, num_examples=f.num_examples,
+               estimated_tokens=f.estimated_tokens, config_hash=plan.config_hash, git_commit=plan.git_commit,
+               plan=plan, metadata={"source_path": str(Path(f.path).resolve()), "format": f.format})
+
+
+def _refuse_duplicates(store, files: list[CheckedFile], force: bool) -> None:
     if force:
         return
-    import json
-
-    from jobs import keys
-
     problems, seen = [], {}
     for f in files:
         if f.sha256 in seen:
             problems.append(f"{f.path}: same content as {seen[f.sha256]} in this batch; use --force to train both")
             continue
         seen[f.sha256] = f.path
-        for raw in sorted(store.redis.smembers(keys.DATASET_OWNER.format(sha=f.sha256))):
-            job_id = raw.decode()
-            status = store.redis.hget(keys.JOB.format(id=job_id), "status")
-            if status and json.loads(status) in ("queued", "processing", "completed"):
-                problems.append(f"{f.path}: same content as job {job_id} ({json.loads(status)}); "
-                                "use --force to train on it again")
-                break
+        owner = store.live_owner(f.sha256)
+        if owner is not None:
+            problems.append(f"{f.path}: same content as job {owner} ({store.get(owner).status.value}); "
+                            "use --force to train on it again")
     if problems:
         raise DuplicateDataset("\n".join(problems))
 
 
-def _rollback(store: JobStore, jobs: list[Job]) -> None:
-    from jobs import keys
-
+def _rollback(store, jobs: list[Job]) -> None:
     for job in jobs:
         try:
-            sha = job.metadata.get("dataset_sha256", "")
-            with store.redis.pipeline() as pipe:
-                pipe.delete(keys.JOB.format(id=job.id), keys.JOB_HISTORY.format(id=job.id))
-                pipe.zrem(keys.JOBS_ALL, job.id)
-                pipe.hdel(keys.JOBS_SUMMARY, job.id)
-                pipe.zrem(keys.JOBS_QUEUED, job.id)
-                pipe.srem(keys.JOBS_BY_STATUS.format(status="queued"), job.id)
-                pipe.zrem(keys.CAMPAIGN_PENDING.format(id=job.campaign_id), job.id)
-                pipe.srem(keys.DATASET_OWNER.format(sha=sha), job.id)
-                pipe.zrem(keys.JOBS_UNPUBLISHED, job.id)
-                pipe.execute()
+            store.delete(job.id)
         except Exception:  # noqa: BLE001 - best effort; Redis may be the thing that failed
             logger.exception("could not roll back job %s", job.id)

@@ -2,37 +2,29 @@
 
 from __future__ import annotations
 
-from jobs.keys import PRIORITIES
+from jobs.queues import PRIORITIES
 
 TASK_NAME = "guild.train"
 
-# Kombu's Redis transport LPUSHes messages and BRPOPs them, so the right end of the list is the head.
-# Per-message priorities can't be used for "go first": kombu polls every queue's priority-0 list before any
-# priority-3 list, which would break the strict high → normal → low order. Instead the job's message is moved
-# to the head in one atomic script, found by its task id (= the job id) in the message headers.
-_MOVE_TO_HEAD = """
-local items = redis.call('lrange', KEYS[1], 0, -1)
-for i = #items, 1, -1 do
-  if string.find(items[i], ARGV[1], 1, true) then
-    redis.call('lrem', KEYS[1], 1, items[i])
-    redis.call('rpush', KEYS[1], items[i])
-    return 1
-  end
-end
-return 0
-"""
 
-
-def publish_job(app, job_id: str, priority: str, at_head: bool = False) -> None:
-    """Send the training task for ``job_id`` to queue ``priority``, with ``task_id`` = the job id.
+class CeleryPublisher:
+    """The :class:`jobs.publisher.Publisher` of a Celery app: sends ``guild.train(job_id)`` with ``task_id`` = the
+    job id to the queue named after the priority.
 
     Args:
-        at_head: put it before every other message of that queue (a paused or preempted job resumes first).
+        app: the Celery app (its broker is the Redis of the job store).
+        store: the job store; moves a message to the head of its queue (``at_head``).
     """
-    if priority not in PRIORITIES:
-        raise ValueError(f"unknown priority {priority!r}")
-    app.send_task(TASK_NAME, args=[job_id], task_id=job_id, queue=priority, routing_key=priority)
-    if at_head:
-        with app.connection_for_write() as conn:
-            client = conn.default_channel.client
-            client.eval(_MOVE_TO_HEAD, 1, priority, f'"id": "{job_id}"')
+
+    def __init__(self, app, store):
+        self.app, self.store = app, store
+
+    def __call__(self, job_id: str, priority: str, at_head: bool = False) -> None:
+        """Args:
+            at_head: put it before every other message of that queue (a paused or preempted job resumes first).
+        """
+        if priority not in PRIORITIES:
+            raise ValueError(f"unknown priority {priority!r}")
+        self.app.send_task(TASK_NAME, args=[job_id], task_id=job_id, queue=priority, routing_key=priority)
+        if at_head:
+            self.store.move_message_to_head(priority, job_id)

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import logging
 
-import redis
 from celery.signals import worker_ready, worker_shutdown
 
 from config.settings import get_settings
-from jobs import keys
+from jobs.queues import PRIORITIES
 from jobs.store import JobStore
+from tasks.publish import CeleryPublisher
 from tasks.sweeper import Sweeper
 
 logger = logging.getLogger(__name__)
@@ -20,12 +20,10 @@ _sweeper: Sweeper | None = None
 def start_sweeper(sender=None, **_kwargs) -> None:
     global _sweeper
     from tasks.app import app
-    from tasks.publish import publish_job
 
     settings = get_settings()
-    store = JobStore(redis.Redis.from_url(settings.redis_url), settings.guild_home)
-    _sweeper = Sweeper(store, settings.heartbeat_stale_s, settings.sweep_interval_s,
-                       lambda job_id, priority: publish_job(app, job_id, priority),
+    store = JobStore.connect(settings.redis_url, settings.guild_home, worker=True)
+    _sweeper = Sweeper(store, settings.heartbeat_stale_s, settings.sweep_interval_s, CeleryPublisher(app, store),
                        worker_name=getattr(sender, "hostname", "") or "")
     _sweeper.start()
     _stay_paused(sender, store)
@@ -36,11 +34,11 @@ def _stay_paused(consumer, store: JobStore) -> None:
     """A worker restarted while paused (``python -m jobs pause``) stays paused until ``jobs resume``."""
     name = getattr(consumer, "hostname", "")
     try:
-        paused = bool(name) and store.redis.sismember(keys.CONTROL_PAUSED, name)
-    except redis.RedisError:
+        paused = bool(name) and store.is_paused(name)
+    except Exception:  # noqa: BLE001 - Redis down at start: consume; a pause can be asked again
         return
     if paused:
-        for queue in keys.PRIORITIES:
+        for queue in PRIORITIES:
             consumer.cancel_task_queue(queue)
         logger.warning("worker %s is paused: consuming nothing until `python -m jobs resume`", name)
 
@@ -51,6 +49,6 @@ def stop_sweeper(**_kwargs) -> None:
         _sweeper.stop()
         if _sweeper.worker_name:
             try:
-                _sweeper.store.redis.hdel(keys.WORKERS, _sweeper.worker_name)
-            except redis.RedisError:
+                _sweeper.store.forget_worker(_sweeper.worker_name)
+            except Exception:  # noqa: BLE001
                 pass

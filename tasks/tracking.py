@@ -21,7 +21,7 @@ class CampaignTracker:
         try:
             from accelerate.tracking import TensorBoardTracker
 
-            run_name = re.sub(r"[^A-Za-z0-9._-]", "_", job_id)
+            run_name = re.sub(r"[^\w.-]", "_", job_id)  # job ids are already safe; old ones had colons
             self._tracker = TensorBoardTracker(run_name, str(campaign_dir / "tensorboard"))
             start = getattr(self._tracker, "start", None)
             if callable(start) and getattr(self._tracker, "writer", None) is None:

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import logging
-
-import redis
+import threading
+import time
 
 from config.settings import get_settings
 from jobs.store import JobStore
 from tasks.app import app
 from tasks.lifecycle import JobRunner
-from tasks.publish import TASK_NAME, publish_job
+from tasks.publish import TASK_NAME, CeleryPublisher
 
 logger = logging.getLogger(__name__)
 _runner: JobRunner | None = None
@@ -20,45 +20,72 @@ def _get_runner(hostname: str) -> JobRunner:
     global _runner
     if _runner is None:  # one per worker process, so the engine (and its model) stays warm between jobs
         settings = get_settings()
-        store = JobStore(redis.Redis.from_url(settings.redis_url), settings.guild_home)
+        store = JobStore.connect(settings.redis_url, settings.guild_home, worker=True)
         _runner = JobRunner(settings, store, worker_name=hostname)
     return _runner
 
 
 class _ProgressEvents:
-    """Sends ``task-progress`` events for Flower, at most one a second.
+    """Sends ``task-progress`` events for Flower, at most one a second, from a thread of its own.
 
-    Flower builds its task view from events: a custom event type becomes the task's state (PROGRESS) and its
-    fields are merged into the task, so ``result`` carries a one-line summary that Flower's task page and
-    task list show while the job runs. The structured fields (step, loss, ...) are for other event consumers
-    (``celery events``, a custom receiver): Flower's pages and API show only Celery's standard task fields.
+    The training thread only drops the latest progress in a slot: sending an event talks to the broker, and a
+    broker that stops answering must not stall training. Flower builds its task view from events: a custom event
+    type becomes the task's state (PROGRESS) and its fields are merged into the task, so ``result`` carries a
+    one-line summary that Flower's task page and task list show while the job runs. The structured fields (step,
+    loss, ...) are for other event consumers (``celery events``, a custom receiver).
     """
 
     def __init__(self, task, min_interval_s: float = 1.0):
-        self.task, self.min_interval_s, self._last = task, min_interval_s, 0.0
+        # The task's request is thread-local: read what the events need here, in the task's thread.
+        self.app, self.task_id, self.hostname = task.app, task.request.id, task.request.hostname
+        self.min_interval_s = min_interval_s
+        self._latest: dict | None = None
+        self._wake = threading.Event()
+        self._done = False
+        self._thread = threading.Thread(target=self._send_loop, daemon=True, name="progress-events")
+        self._thread.start()
 
     def emit(self, progress: dict) -> None:
-        import time
+        self._latest = progress
+        self._wake.set()
 
-        now = time.monotonic()
-        if now - self._last < self.min_interval_s:
-            return
-        self._last = now
-        summary = (f"step {progress['step']}/{progress['total_steps']} · loss {progress['loss'] or 0:.4f} · "
-                   f"{progress['tokens_per_sec'] or 0:.0f} tok/s · ETA {progress['eta_s'] or 0:.0f} s")
-        try:
-            self.task.send_event("task-progress", result=summary, step=progress["step"],
-                                 total_steps=progress["total_steps"], loss=progress["loss"],
-                                 tokens_per_sec=progress["tokens_per_sec"], eta_s=progress["eta_s"])
-        except Exception as exc:  # noqa: BLE001 - monitoring must never stop training
-            logger.debug("progress event not sent: %s", exc)
+    def close(self) -> None:
+        self._done = True
+        self._wake.set()
+
+    def _send_loop(self) -> None:
+        while not self._done:
+            self._wake.wait()
+            self._wake.clear()
+            progress, self._latest = self._latest, None
+            if progress is None or self._done:
+                continue
+            summary = (f"step {progress['step']}/{progress['total_steps']} · loss {progress['loss'] or 0:.4f} · "
+                       f"{progress['tokens_per_sec'] or 0:.0f} tok/s · ETA {progress['eta_s'] or 0:.0f} s")
+            try:
+                with self.app.events.default_dispatcher(hostname=self.hostname) as dispatcher:
+                    dispatcher.send("task-progress", uuid=self.task_id, result=summary, step=progress["step"],
+                                    total_steps=progress["total_steps"], loss=progress["loss"],
+                                    tokens_per_sec=progress["tokens_per_sec"], eta_s=progress["eta_s"])
+            except Exception as exc:  # noqa: BLE001 - monitoring must never stop training
+                logger.debug("progress event not sent: %s", exc)
+            time.sleep(self.min_interval_s)
 
 
 @app.task(name=TASK_NAME, bind=True, acks_late=True, reject_on_worker_lost=True)
 def train_job(self, job_id: str) -> dict:
-    """Train the dataset of job ``job_id``; the Job record in Redis says everything about it."""
+    """Train the dataset of job ``job_id``; the Job record (and its frozen plan) in Redis says everything."""
     runner = _get_runner(self.request.hostname or "worker")
-    outcome = runner.run(job_id, republish=lambda jid, prio, at_head=False: publish_job(app, jid, prio, at_head),
-                         emit=_ProgressEvents(self).emit)
+    events = _ProgressEvents(self)
+    try:
+        outcome = runner.run(job_id, republish=CeleryPublisher(app, runner.store), emit=events.emit)
+    finally:
+        events.close()
     logger.info("job %s: %s %s", job_id, outcome.action, outcome.detail)
-    return {"job_id": job_id, "action": outcome.action, "detail": outcome.detail}
+    if outcome.replace_worker:
+        # The job is recorded as failed. Leaving this child makes the pool start a fresh one (with a fresh CUDA
+        # context); Celery reports the exit as a lost worker and requeues the message, which the next worker drops
+        # (the job is failed).
+        logger.error("job %s: replacing this worker process: its CUDA context is unusable", job_id)
+        raise SystemExit(f"job {job_id}: CUDA context unusable; worker process replaced")
+    return {"job_id": job_id, "action": outcome.action.value, "detail": outcome.detail}

@@ -121,19 +121,17 @@ class Submitter:
 
     def __call__(self, *paths, campaign: str | None = None, sets: list[str] = (), force: bool = False,
                  priority: str = "normal") -> list[str]:
-        import redis
-
         from config.layers import parse_set_args
         from config.settings import get_settings
         from jobs.store import JobStore
         from jobs.submit import SubmitRequest, submit
-        from tasks.publish import publish_job
+        from tasks.publish import CeleryPublisher
 
         settings = get_settings()
-        store = JobStore(redis.Redis.from_url(settings.redis_url), settings.guild_home)
+        store = JobStore.connect(settings.redis_url, settings.guild_home)
         request = SubmitRequest(paths=[str(p) for p in paths], priority=priority, campaign=campaign,
                                 sets=parse_set_args(list(sets)), force=force)
-        jobs = submit(settings, store, request, lambda job_id, prio: publish_job(self.app, job_id, prio))
+        jobs = submit(settings, store, request, CeleryPublisher(self.app, store))
         return [job.id for job in jobs]
 
     def close(self) -> None:
@@ -191,16 +189,17 @@ def produce(directory: Path, campaign: str, sets: list[str]) -> int:
     from jobs.store import JobStore
     from jobs.submit import SubmitRequest, submit
     from tasks.app import app
-    from tasks.publish import publish_job
+    from tasks.publish import CeleryPublisher
 
     settings = get_settings()
     store = JobStore(redis.Redis.from_url(settings.redis_url, socket_connect_timeout=2, socket_timeout=5),
                      settings.guild_home)
+    publish = CeleryPublisher(app, store)
     config_sets = parse_set_args(sets)
     for path in sorted(directory.glob("*.jsonl")):
         request = SubmitRequest(paths=[str(path)], campaign=campaign, sets=config_sets)
         try:
-            [job] = submit(settings, store, request, lambda job_id, prio: publish_job(app, job_id, prio))
+            [job] = submit(settings, store, request, publish)
         except Exception as exc:  # noqa: BLE001 - the point is to stop at the first failure, whatever it is
             print(f"ERROR {type(exc).__name__}: {exc}", flush=True)
             return 1

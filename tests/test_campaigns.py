@@ -87,7 +87,7 @@ def test_two_workers_one_campaign_never_overlap(run_cli, start_worker, store, tm
     for (_, e1), (s2, _) in zip(spans, spans[1:]):
         assert s2 >= e1, "two jobs of one campaign ran at once"
     assert [j.start_step for j in shared] == [0, 12, 24]  # queue order kept inside the campaign
-    workers = {store.runtime(j.id)["worker"] for j in jobs}
+    workers = {store.runtime(j.id).worker for j in jobs}
     assert workers == {"gpu0@hostA", "gpu1@hostB"}
     lone_start, lone_end = datetime.fromisoformat(lone.started_at), datetime.fromisoformat(lone.finished_at)
     assert any(lone_start < e and s < lone_end for s, e in spans), "the other campaign did not run in parallel"
@@ -101,8 +101,18 @@ def test_locked_mismatch_fails_before_training_naming_fields(run_cli, start_work
     data = json.loads(record.read_text())
     data["locked"]["vocab_size"] = 8192  # as if the hero profile had been edited since the campaign began
     record.write_text(json.dumps(data))
-    start_worker()
+    # Enqueue resolves the plan, so it refuses the job at once, naming the fields.
+    refused = run_cli("enqueue", str(EXAMPLES / "text.jsonl"), "--campaign", "locked")
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert "vocab_size" in refused.stderr and "8192" in refused.stderr and "4096" in refused.stderr
+    assert store.list() == []
+    # A campaign record edited after the job was enqueued: the worker checks again and fails it before training.
+    data["locked"]["vocab_size"] = 4096
+    record.write_text(json.dumps(data))
     [job_id] = _enqueue(run_cli, str(EXAMPLES / "text.jsonl"), "--campaign", "locked")
+    data["locked"]["vocab_size"] = 8192
+    record.write_text(json.dumps(data))
+    start_worker()
     [job] = _wait_final(store, [job_id])
     assert job.status.value == "failed"
     assert "vocab_size" in job.last_error and "8192" in job.last_error and "4096" in job.last_error

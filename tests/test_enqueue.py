@@ -20,7 +20,7 @@ def test_enqueue_creates_job_and_message(run_cli, redis_client, guild_home):
     assert record["status"] == "queued" and record["priority"] == "high"
     assert record["num_examples"] == 240 and record["estimated_tokens"] > 1000
     assert record["hero_id"] == "tiny-qwen3" and record["campaign_id"] == "main-tiny-qwen3"
-    assert record["id"].endswith("_chat_small.jsonl")
+    assert record["id"].endswith("_chat_small") and ":" not in record["id"]
     # trained from a content-addressed copy, not the user's file
     assert record["dataset_path"].startswith(str(guild_home / "datasets"))
     assert _queue_lengths(redis_client) == {"high": 1, "normal": 0, "low": 0}
@@ -80,3 +80,38 @@ def test_enqueue_path_never_imports_torch(guild_env):
     out = subprocess.run([sys.executable, "-c", code, str(EXAMPLES / "messages.jsonl")], cwd=REPO, env=guild_env,
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
+
+
+def test_jobs_show_prints_the_frozen_plan(run_cli, guild_home):
+    (guild_home / "config.json").write_text(json.dumps({"hyperparams": {"seed": 7}}))
+    out = run_cli("enqueue", str(EXAMPLES / "text.jsonl"), "--set", "learning_rate=0.01",
+                  "--set", "queue.max_attempts=5", "--json")
+    assert out.returncode == 0, out.stderr
+    [record] = json.loads(out.stdout)
+    plan = record["plan"]
+    assert plan["config_hash"] == record["config_hash"] and plan["hero"]["id"] == "tiny-qwen3"
+    assert plan["config"]["hyperparams"]["learning_rate"] == 0.01 and plan["queue"]["max_attempts"] == 5
+    assert plan["sources"]["hyperparams.learning_rate"] == "cli" and plan["sources"]["hyperparams.seed"] == "project"
+    assert plan["sources"]["hyperparams.max_length"] == "hero" and plan["locked"]["vocab_size"] == 4096
+    assert plan["model_path"] == str(guild_home / "heroes" / "tiny-qwen3") and plan["hub_name"] == "guild/tiny-qwen3"
+    shown = run_cli("jobs", "show", record["id"])
+    assert shown.returncode == 0, shown.stderr
+    text = shown.stdout
+    assert "plan (resolved at enqueue" in text and record["config_hash"] in text
+    line = next(x for x in text.splitlines() if "hyperparams.seed" in x)
+    assert line.split()[1:3] == ["7", "project"] and str(guild_home / "config.json") in line
+    assert json.loads(run_cli("jobs", "show", record["id"], "--json").stdout)["plan"] == plan
+
+
+def test_a_corrupted_key_refuses_the_enqueue_and_leaves_nothing(run_cli, redis_client, guild_home):
+    """A Guild key of the wrong type (a task sent to a queue named after it): one line, exit 2, nothing written."""
+    redis_client.rpush("guild:jobs:queued", "junk")
+    out = run_cli("enqueue", str(EXAMPLES / "text.jsonl"))
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "guild:jobs:queued is a list, not a zset" in out.stderr and "nothing was written" in out.stderr
+    left = sorted(k.decode() for k in redis_client.keys("guild:*"))
+    assert left == ["guild:jobs:queued"] and _queue_lengths(redis_client)["normal"] == 0
+    assert not (guild_home / "datasets").exists() and not (guild_home / "campaigns").exists()
+    doctor = json.loads(run_cli("doctor", "--json", timeout=60).stdout)
+    layout = next(c for c in doctor["checks"] if c["name"] == "redis-layout")
+    assert not layout["ok"] and "guild:jobs:queued is a list" in layout["detail"] and not doctor["healthy"]

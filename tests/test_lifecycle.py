@@ -1,24 +1,68 @@
-"""The job lifecycle on a worker, with a stand-in engine: transient failures retry with backoff, data errors skip."""
+"""The job lifecycle on a worker, without Redis: the in-memory store and stand-in engines.
 
+Transient failures retry with backoff, crashes fail with their traceback, a poisoned CUDA context fails the job and
+replaces the process, a job taken over while its worker stalled keeps the new owner's results, a lost campaign
+lock leaves the campaign alone, a store that stops answering mid-job costs nothing, and the worker trains the plan
+frozen at enqueue.
+"""
+
+from __future__ import annotations
+
+import json
 import time
 
 import pytest
+import redis
 
-from config.settings import get_settings
+from campaigns.campaign import CampaignStore
+from config.settings import Settings
 from jobs.job import JobStatus
+from jobs.memory_store import MemoryJobStore
 from jobs.submit import SubmitRequest, submit
-from tasks.lifecycle import JobRunner, is_transient
+from tasks.engines import StandInEngine
+from tasks.lifecycle import JobRunner, OutcomeKind
 from tests.services import REPO
 
+EXAMPLES = REPO / "examples"
+A_SENTINEL_LOSS = 999.0
 
-class _Engine:
-    def __init__(self, exc):
-        self.exc = exc
-        self.calls = 0
 
-    def run_job(self, *args, **kwargs):
+class Clock:
+    def __init__(self):
+        self.now = time.time()
+
+    def __call__(self):
+        return self.now
+
+
+class Publisher:
+    def __init__(self):
+        self.sent: list[tuple[str, str, bool]] = []
+
+    def __call__(self, job_id, priority, at_head=False):
+        self.sent.append((job_id, priority, at_head))
+
+
+class Engine(StandInEngine):
+    """A stand-in engine with hooks: ``on_step(step)`` runs after each step; ``raises`` is raised at once."""
+
+    def __init__(self, steps_s=0.001, raises=None, on_step=None):
+        super().__init__(step_s=steps_s)
+        self.raises, self.on_step = raises, on_step
+        self.calls, self.configs = 0, []
+
+    def run_job(self, dataset_path, config, on_progress, should_stop, **kw):
         self.calls += 1
-        raise self.exc
+        self.configs.append(config)
+        if self.raises is not None:
+            raise self.raises
+
+        def progress(step, *args):
+            on_progress(step, *args)
+            if self.on_step is not None:
+                self.on_step(step)
+
+        return super().run_job(dataset_path, config, progress, should_stop, **kw)
 
 
 class OutOfMemoryError(RuntimeError):
@@ -26,52 +70,284 @@ class OutOfMemoryError(RuntimeError):
 
 
 @pytest.fixture
-def one_job(store, guild_env):
-    sent = []
-    [job] = submit(get_settings(), store, SubmitRequest([str(REPO / "examples" / "text.jsonl")]),
-                   lambda job_id, prio: sent.append(job_id))
+def home(tmp_path):
+    return tmp_path / "guild-home"
+
+
+@pytest.fixture
+def settings(home):
+    return Settings(guild_home=home, redis_url="redis://127.0.0.1:1/0", heartbeat_stale_s=60.0)
+
+
+@pytest.fixture
+def clock():
+    return Clock()
+
+
+@pytest.fixture
+def store(home, clock):
+    return MemoryJobStore(home, clock=clock)
+
+
+def _enqueue(settings, store, path=EXAMPLES / "text.jsonl", **request):
+    [job] = submit(settings, store, SubmitRequest([str(path)], **request), Publisher())
     return job.id
 
 
-def test_transient_failure_requeues_with_backoff_then_fails_past_max_attempts(store, one_job):
-    runner = JobRunner(get_settings(), store, "gpu0@t", engine=_Engine(OutOfMemoryError("CUDA out of memory")))
-    republished = []
-    outcome = runner.run(one_job, lambda jid, prio, at_head=False: republished.append(jid))
-    job = store.get(one_job)
-    assert outcome.action == "requeued" and job.status is JobStatus.QUEUED and republished == [one_job]
+def _runner(settings, store, engine, name="gpu0@t", beat_s=60.0):
+    """A runner whose beat thread stays quiet unless the test asks for it (``beat_s``)."""
+    return JobRunner(settings, store, name, engine=engine, heartbeat_s=beat_s, beat_s=beat_s)
+
+
+# ------------------------------------------------------------------------------------------- retry and failure
+
+
+def test_transient_failure_requeues_with_backoff_then_fails_past_max_attempts(settings, store):
+    job_id = _enqueue(settings, store)
+    runner = _runner(settings, store, Engine(raises=OutOfMemoryError("CUDA out of memory")))
+    republished = Publisher()
+    outcome = runner.run(job_id, republished)
+    job = store.get(job_id)
+    assert outcome.action is OutcomeKind.REQUEUED and job.status is JobStatus.QUEUED
+    assert republished.sent == [(job_id, "normal", False)]
     assert job.attempts == 1 and "CUDA out of memory" in job.last_error
-    assert store.runtime(one_job)["retry_at"] > time.time()  # backoff: not before retry_at
-    assert "retry in 5 s" in store.history(one_job)[-1]["reason"]
-    deferred = runner.run(one_job, lambda *a, **k: None)
-    assert deferred.action == "deferred" and runner.engine.calls == 1
+    assert store.runtime(job_id).retry_at > time.time()  # backoff: not before retry_at
+    assert "retry in 5 s" in store.history(job_id)[-1]["reason"]
+    deferred = runner.run(job_id, Publisher())
+    assert deferred.action is OutcomeKind.DEFERRED and runner.engine.calls == 1
     for expected_attempts in (2, 3):
-        store.update(one_job, retry_at=0)
-        runner.run(one_job, lambda *a, **k: None)
-        assert store.get(one_job).attempts == expected_attempts
-    final = store.get(one_job)
+        store.update(job_id, retry_at=0)
+        runner.run(job_id, Publisher())
+        assert store.get(job_id).attempts == expected_attempts
+    final = store.get(job_id)
     assert final.status is JobStatus.FAILED and "CUDA out of memory" in final.last_error  # max_attempts = 3
+    assert [h["reason"].split(" (")[0] for h in store.history(job_id) if h["to"] == "queued"][1:] == [
+        "attempt 1 failed", "attempt 2 failed"]
 
 
-def test_a_plain_crash_fails_with_traceback_and_no_retry(store, one_job):
-    runner = JobRunner(get_settings(), store, "gpu0@t", engine=_Engine(ValueError("shape mismatch")))
-    outcome = runner.run(one_job, lambda *a, **k: None)
-    job = store.get(one_job)
-    assert outcome.action == "failed" and job.status is JobStatus.FAILED and job.attempts == 1
+def test_max_attempts_comes_from_the_plan(settings, store):
+    job_id = _enqueue(settings, store, sets={"queue.max_attempts": "1"})
+    runner = _runner(settings, store, Engine(raises=OutOfMemoryError("CUDA out of memory")))
+    assert runner.run(job_id, Publisher()).action is OutcomeKind.FAILED
+    job = store.get(job_id)
+    assert job.attempts == 1 and "gave up after 1 attempts" in job.last_error
+
+
+def test_a_plain_crash_fails_with_traceback_and_no_retry(settings, store):
+    job_id = _enqueue(settings, store)
+    runner = _runner(settings, store, Engine(raises=ValueError("shape mismatch")))
+    outcome = runner.run(job_id, Publisher())
+    job = store.get(job_id)
+    assert outcome.action is OutcomeKind.FAILED and not outcome.replace_worker
+    assert job.status is JobStatus.FAILED and job.attempts == 1
     assert job.last_error == "ValueError: shape mismatch" and "Traceback" in job.metadata["traceback"]
 
 
-def test_a_broken_chat_template_fails_the_job_instead_of_skipping_the_data(store, one_job):
+def test_a_device_side_assert_fails_the_job_and_replaces_the_worker_process(settings, store):
+    job_id = _enqueue(settings, store)
+    error = RuntimeError("CUDA error: device-side assert triggered\nCompile with TORCH_USE_CUDA_DSA")
+    republished = Publisher()
+    outcome = _runner(settings, store, Engine(raises=error)).run(job_id, republished)
+    job = store.get(job_id)
+    assert outcome.action is OutcomeKind.FAILED and outcome.replace_worker
+    assert job.status is JobStatus.FAILED and job.attempts == 1 and republished.sent == []
+    assert "device-side assert" in job.last_error and "process is replaced" in job.last_error
+
+
+def test_a_broken_chat_template_fails_the_job_instead_of_skipping_the_data(settings, store):
     from engine.errors import ChatTemplateError
 
+    job_id = _enqueue(settings, store)
     broken = ChatTemplateError("the chat template in /m/chat_template.jinja is broken: it renders nothing")
-    outcome = JobRunner(get_settings(), store, "gpu0@t", engine=_Engine(broken)).run(one_job, lambda *a, **k: None)
-    job = store.get(one_job)
-    assert outcome.action == "failed" and job.status is JobStatus.FAILED
+    outcome = _runner(settings, store, Engine(raises=broken)).run(job_id, Publisher())
+    job = store.get(job_id)
+    assert outcome.action is OutcomeKind.FAILED and job.status is JobStatus.FAILED
     assert "chat_template.jinja is broken" in job.last_error
 
 
-def test_is_transient():
-    import redis
+# ------------------------------------------------------------------------------------------- the happy path
 
-    assert is_transient(OutOfMemoryError("x")) and is_transient(redis.ConnectionError("blip"))
-    assert not is_transient(ValueError("bad"))
+
+def test_a_job_completes_and_advances_its_campaign(settings, store, home):
+    job_id = _enqueue(settings, store, sets={"max_steps": "4", "save_steps": "2"})
+    outcome = _runner(settings, store, Engine()).run(job_id, Publisher())
+    job = store.get(job_id)
+    assert outcome.action is OutcomeKind.COMPLETED, outcome
+    assert job.status is JobStatus.COMPLETED and job.attempts == 1 and (job.start_step, job.final_step) == (0, 4)
+    assert job.final_loss == pytest.approx(2.0 / 1.4)
+    campaign = CampaignStore(home).get(job.campaign_id)
+    assert campaign.current_step == 4 and campaign.latest_checkpoint == job.metadata["checkpoint"]
+    assert campaign.latest_checkpoint.endswith("step-00004") and campaign.job_ids == [job_id]
+    assert [h["to"] for h in store.history(job_id)] == ["queued", "processing", "completed"]
+
+
+def test_the_worker_trains_the_plan_frozen_at_enqueue(settings, store, home):
+    """A hero file or config.json changed after enqueue changes new jobs only."""
+    heroes = home / "heroes"
+    heroes.mkdir(parents=True)
+    profile = (REPO / "heroes" / "tiny-qwen3.yaml").read_text().replace("id: tiny-qwen3", "id: myhero")
+    (heroes / "myhero.yaml").write_text(profile)
+    (home / "config.json").write_text(json.dumps({"hyperparams": {"learning_rate": 0.5}}))
+    first = _enqueue(settings, store, hero_id="myhero", sets={"max_steps": "2"})
+
+    (heroes / "myhero.yaml").write_text(profile.replace("warmup_steps: 5", "warmup_steps: 7"))
+    (home / "config.json").write_text(json.dumps({"hyperparams": {"learning_rate": 0.25}}))
+    second = _enqueue(settings, store, path=EXAMPLES / "messages.jsonl", hero_id="myhero", sets={"max_steps": "2"})
+
+    engine = Engine()
+    runner = _runner(settings, store, engine)
+    assert runner.run(first, Publisher()).action is OutcomeKind.COMPLETED
+    assert runner.run(second, Publisher()).action is OutcomeKind.COMPLETED
+    trained = [(c.hyperparams.learning_rate, c.hyperparams.warmup_steps) for c in engine.configs]
+    assert trained == [(0.5, 5), (0.25, 7)]
+    a, b = store.get(first), store.get(second)
+    assert a.plan.sources["hyperparams.learning_rate"] == "project" and a.plan.sources["hyperparams.warmup_steps"] \
+        == "hero"
+    assert a.config_hash == a.plan.config_hash != b.config_hash and a.plan.hero.training_defaults["hyperparams"][
+        "warmup_steps"] == 5
+
+    # An architecture change is refused at enqueue (the campaign's locked block), naming the field.
+    (heroes / "myhero.yaml").write_text(profile.replace("vocab_size: 4096", "vocab_size: 8192"))
+    from jobs.errors import PlanMismatch
+
+    with pytest.raises(PlanMismatch, match="vocab_size: campaign has 4096, job resolves 8192"):
+        _enqueue(settings, store, path=EXAMPLES / "prompt_response.jsonl", hero_id="myhero")
+
+
+def test_queue_settings_do_not_change_the_config_hash(settings, store):
+    plain = store.get(_enqueue(settings, store))
+    more = store.get(_enqueue(settings, store, path=EXAMPLES / "messages.jsonl", sets={"queue.max_attempts": "5"}))
+    assert plain.config_hash == more.config_hash and more.plan.queue.max_attempts == 5
+    assert more.plan.sources["queue.max_attempts"] == "cli" and plain.plan.queue.max_attempts == 3
+
+
+# ----------------------------------------------------------------------------------------- the risky branches
+
+
+def test_a_job_taken_over_while_stalled_keeps_the_new_owners_results(settings, store, clock, home):
+    """Worker A stalls past the stale window (its lease lapses too); B takes the job over and completes it; then A
+    comes back and finishes: nothing A writes may land, neither in the job nor in the campaign."""
+    job_id = _enqueue(settings, store, sets={"max_steps": "6", "save_steps": "3"})
+    runner_b = _runner(settings, store, Engine(), name="gpu1@b")
+    outcomes = {}
+
+    def stall_then_b_takes_over(step):
+        if step == 2 and "b" not in outcomes:
+            clock.now += 120  # A was frozen for two minutes
+            outcomes["b"] = runner_b.run(job_id, Publisher())
+
+    class StalledA(Engine):
+        def run_job(self, *args, **kw):
+            result = super().run_job(*args, **kw)
+            result.final_loss, result.checkpoint_path = A_SENTINEL_LOSS, "/written/by/A"
+            return result
+
+    outcome_a = _runner(settings, store, StalledA(on_step=stall_then_b_takes_over)).run(job_id, Publisher())
+    assert outcomes["b"].action is OutcomeKind.COMPLETED
+    assert outcome_a.action is OutcomeKind.DROPPED and outcome_a.detail == "taken over while stalled"
+    job = store.get(job_id)
+    assert job.status is JobStatus.COMPLETED and store.runtime(job_id).worker == "gpu1@b" and job.attempts == 2
+    assert job.final_loss != A_SENTINEL_LOSS and job.metadata["checkpoint"] != "/written/by/A"
+    campaign = CampaignStore(home).get(job.campaign_id)
+    assert campaign.latest_checkpoint == job.metadata["checkpoint"] and campaign.current_step == 6
+    assert [h["to"] for h in store.history(job_id)] == ["queued", "processing", "queued", "processing", "completed"]
+
+
+def test_a_run_that_learns_it_was_taken_over_stops_at_once(settings, store, clock):
+    job_id = _enqueue(settings, store, sets={"max_steps": "500"})
+    token_holder = {}
+
+    def taken(step):
+        if step == 3:
+            clock.now += 120
+            store.take_over_stale(job_id, 60)
+            store.claim(job_id, "gpu1@b", token="b-token")
+            token_holder["b"] = True
+        time.sleep(0.01)
+
+    engine = Engine(on_step=taken)
+    outcome = _runner(settings, store, engine, beat_s=0.02).run(job_id, Publisher())
+    job = store.get(job_id)
+    assert outcome.action is OutcomeKind.DROPPED
+    assert job.status is JobStatus.PROCESSING and store.runtime(job_id).claim == "b-token"
+    assert job.progress is None or job.progress["step"] <= 3  # A's later progress never landed
+    assert len(job.metadata.get("loss_history", [])) == 0
+
+
+def test_a_lost_campaign_lock_stops_the_job_and_leaves_the_campaign_alone(settings, store, clock, home):
+    job_id = _enqueue(settings, store, sets={"max_steps": "500", "save_steps": "2"})
+    campaign_id = store.get(job_id).campaign_id
+
+    def lease_lapses_and_someone_takes_it(step):
+        if step == 3:
+            clock.now += 120
+            assert store.acquire_campaign_lock(campaign_id, "intruder|x", 600)
+        time.sleep(0.01)
+
+    republished = Publisher()
+    outcome = _runner(settings, store, Engine(on_step=lease_lapses_and_someone_takes_it), beat_s=0.02).run(
+        job_id, republished)
+    job = store.get(job_id)
+    assert outcome.action is OutcomeKind.REQUEUED and "campaign lock lost" in outcome.detail
+    assert job.status is JobStatus.QUEUED and job.attempts == 0 and 3 <= job.final_step < 500
+    assert republished.sent == [(job_id, "normal", True)]  # back at the head of its queue
+    assert CampaignStore(home).get(campaign_id).current_step == 0
+    assert store.campaign_lock_holder(campaign_id) == "intruder|x"
+
+
+def test_a_lock_lost_just_before_the_commit_leaves_the_campaign_alone(settings, store, clock, home):
+    job_id = _enqueue(settings, store, sets={"max_steps": "4"})
+    campaign_id = store.get(job_id).campaign_id
+
+    def on_last_step(step):
+        if step == 4:
+            clock.now += 120
+            store.acquire_campaign_lock(campaign_id, "intruder|y", 600)
+            clock.now -= 119  # the job's own heartbeat is not stale: only the lease is gone
+
+    republished = Publisher()
+    outcome = _runner(settings, store, Engine(on_step=on_last_step)).run(job_id, republished)
+    job = store.get(job_id)
+    assert outcome.action is OutcomeKind.REQUEUED and "campaign lock lost before the campaign" in outcome.detail
+    assert job.status is JobStatus.QUEUED and job.attempts == 0 and job.final_step == 4
+    assert CampaignStore(home).get(campaign_id).current_step == 0
+    assert republished.sent == [(job_id, "normal", True)]
+
+
+class FlakyStore:
+    """The memory store, whose beats fail like a Redis that stopped answering, for ``outage_beats`` beats."""
+
+    def __init__(self, inner, outage_beats):
+        self.inner, self.outage_beats, self.failed = inner, outage_beats, 0
+
+    def beat(self, *args, **kwargs):
+        if self.failed < self.outage_beats:
+            self.failed += 1
+            raise redis.TimeoutError("Timeout reading from socket")
+        return self.inner.beat(*args, **kwargs)
+
+    def renew_campaign_lock(self, *args):
+        if self.failed < self.outage_beats:
+            raise redis.ConnectionError("Connection reset by peer")
+        return self.inner.renew_campaign_lock(*args)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def test_a_store_outage_mid_job_costs_nothing(settings, store):
+    """Every beat fails for a while (and monitoring raises too): the job trains on, completes in one attempt, and
+    the first beat after the outage writes its progress."""
+    job_id = _enqueue(settings, store, sets={"max_steps": "150"})
+    flaky = FlakyStore(store, outage_beats=10)
+    engine = Engine(steps_s=0.01)
+
+    def broken_monitor(progress):
+        raise ConnectionError("Flower's broker is down too")
+
+    outcome = JobRunner(settings, flaky, "gpu0@t", engine=engine, heartbeat_s=0.02, beat_s=0.02).run(
+        job_id, Publisher(), emit=broken_monitor)
+    job = store.get(job_id)
+    assert flaky.failed == 10, "the outage did not happen while the job ran"
+    assert outcome.action is OutcomeKind.COMPLETED and job.attempts == 1 and job.final_step == 150
+    assert [h["to"] for h in store.history(job_id)] == ["queued", "processing", "completed"]

@@ -101,7 +101,7 @@ def test_preempt_low_job_for_high(run_cli, start_worker, store, tmp_path):
     start_worker("gpu0@preempt", env={"GUILD_SWEEP_INTERVAL_S": "1"})
     [low] = _enqueue(run_cli, str(EXAMPLES / "chat_small.jsonl"), "--priority", "low", "--campaign", "lowc", *LONG)
     _running_step(store, low, at_least=3)
-    wait_until(lambda: store.redis.hlen("guild:workers"), 10, what="worker registry")
+    wait_until(lambda: store.workers(), 10, what="worker registry")
     [high] = _enqueue(run_cli, str(EXAMPLES / "text.jsonl"), "--priority", "high", "--preempt", "--campaign", "hic",
                       "--set", "max_steps=3", "--set", "eval_fraction=0")
     [high_job] = _wait_final(store, [high])

@@ -42,11 +42,10 @@ def _submit_at_once(guild_env, batches, campaign: str):
     return outs, time.monotonic() - started
 
 
-def _check_nothing_lost_or_duplicated(store, batches, outs, campaign: str, guild_home) -> list[str]:
+def _check_nothing_lost_or_duplicated(store, client, batches, outs, campaign: str, guild_home) -> list[str]:
     reported = [j["id"] for out in outs for j in json.loads(out.stdout)]
     total = PROCESSES * FILES_EACH
     assert len(reported) == total and len(set(reported)) == total
-    client = store.redis
     assert client.zcard(keys.JOBS_ALL) == total
     assert client.scard(keys.JOBS_BY_STATUS.format(status="queued")) == total
     assert client.zcard(keys.JOBS_QUEUED) == total and client.hlen(keys.JOBS_SUMMARY) == total
@@ -71,13 +70,14 @@ def _check_nothing_lost_or_duplicated(store, batches, outs, campaign: str, guild
     return reported
 
 
-def test_eight_submitters_800_jobs_none_lost_or_duplicated(run_cli, guild_env, store, guild_home, tmp_path):
+def test_eight_submitters_800_jobs_none_lost_or_duplicated(run_cli, guild_env, store, redis_client, guild_home,
+                                                          tmp_path):
     batches = _write_batches(tmp_path)
     created = run_cli("campaigns", "create", "crowd", "--hero", "tiny-qwen3")
     assert created.returncode == 0, created.stderr
     outs, took_s = _submit_at_once(guild_env, batches, "crowd")
     assert [o.returncode for o in outs] == [0] * PROCESSES, [o.stderr[-500:] for o in outs if o.returncode]
-    reported = _check_nothing_lost_or_duplicated(store, batches, outs, "crowd", guild_home)
+    reported = _check_nothing_lost_or_duplicated(store, redis_client, batches, outs, "crowd", guild_home)
     collided = sum(1 for i in reported if i.rsplit("-", 1)[-1].isdigit() and i.rsplit("-", 1)[0] in reported)
 
     # ---- the same content again: refused as a duplicate (naming the job that holds it) unless --force ---------------
@@ -85,11 +85,11 @@ def test_eight_submitters_800_jobs_none_lost_or_duplicated(run_cli, guild_env, s
     assert again.returncode == 2 and "same content as job" in again.stderr and "--force" in again.stderr
     owner = next(j for j in store.get_many(reported) if j.metadata["source_path"] == batches[3][7])
     assert owner.id in again.stderr
-    assert store.redis.zcard(keys.JOBS_ALL) == PROCESSES * FILES_EACH
+    assert redis_client.zcard(keys.JOBS_ALL) == PROCESSES * FILES_EACH
     forced = run_cli("enqueue", batches[3][7], "--campaign", "crowd", "--force", "--json")
     assert forced.returncode == 0, forced.stderr
     [forced_id] = [j["id"] for j in json.loads(forced.stdout)]
-    assert forced_id not in reported and store.redis.zcard(keys.JOBS_ALL) == PROCESSES * FILES_EACH + 1
+    assert forced_id not in reported and redis_client.zcard(keys.JOBS_ALL) == PROCESSES * FILES_EACH + 1
     record_figure("concurrent-submitters", runs=1, passes=1, lost=0, duplicated=0, processes=PROCESSES,
                   jobs=len(reported), submit_s=round(took_s, 1), id_collisions_resolved=collided,
                   duplicate_refused=True, forced_accepted=True)
@@ -99,13 +99,13 @@ def test_concurrent_first_submissions_to_a_new_campaign_all_go_in(guild_env, sto
     """Deterministic: two submissions both find the campaign missing, then both create it (one interleaving of
     two `python -m enqueue` processes started at once). All but the first used to fail with "campaign already
     exists" (RELIABILITY.md, finding 4)."""
+    from campaigns.campaign import find_target, join_or_create
     from config.settings import get_settings
-    from jobs.submit import ensure_campaign, resolve_campaign
 
     settings = get_settings()
-    first = resolve_campaign(settings, None, "brand-new", {})
-    second = resolve_campaign(settings, None, "brand-new", {})
-    assert first[1] is None and second[1] is None  # both see no campaign yet
-    a = ensure_campaign(settings, first[0], first[1], first[2])
-    b = ensure_campaign(settings, second[0], second[1], second[2])
+    first = find_target(settings.guild_home, None, "brand-new")
+    second = find_target(settings.guild_home, None, "brand-new")
+    assert first.campaign is None and second.campaign is None  # both see no campaign yet
+    a = join_or_create(settings.guild_home, first)
+    b = join_or_create(settings.guild_home, second)
     assert a.id == b.id == "brand-new"

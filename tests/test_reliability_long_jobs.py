@@ -33,7 +33,7 @@ SHORT_TIMEOUT = {"GUILD_VISIBILITY_TIMEOUT_S": str(VISIBILITY_TIMEOUT_S)}
 LONG_JOB = ["--set", "max_steps=40", "--set", "save_steps=10", "--set", "max_length=128", "--set", "eval_fraction=0"]
 
 
-def test_job_longer_than_visibility_timeout_runs_once(run_cli, start_worker, store, tmp_path):
+def test_job_longer_than_visibility_timeout_runs_once(run_cli, start_worker, store, redis_client, tmp_path):
     first = start_worker("gpu0@long-a", env=SHORT_TIMEOUT)
     dataset = write_dataset(tmp_path / "long.jsonl", "long", lines=16)
     [job_id] = enqueue_ids(run_cli, str(dataset), *LONG_JOB, extra_env=SHORT_TIMEOUT)
@@ -59,8 +59,8 @@ def test_job_longer_than_visibility_timeout_runs_once(run_cli, start_worker, sto
 
     # The last copy of the message is dropped (the job is completed) and none is left, queued or held.
     def settled():
-        return "'action': 'dropped'" in first.log() + second.log() and job_id not in queued_task_ids(store.redis) \
-            and job_id not in unacked_task_ids(store.redis)
+        return "'action': 'dropped'" in first.log() + second.log() and job_id not in queued_task_ids(redis_client) \
+            and job_id not in unacked_task_ids(redis_client)
 
     wait_until(settled, 30, interval_s=0.2, what="the last copy of the message to be dropped")
     # The second worker did receive the message (the hazard), and only ever put it back or dropped it.

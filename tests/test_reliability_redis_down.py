@@ -9,6 +9,7 @@ import pytest
 import redis
 
 from jobs import keys
+from jobs.queues import PRIORITIES
 from jobs.store import JobStore
 from tests.reliability_helpers import OwnRedis, no_traceback, record_figure, wait_final, write_dataset
 from tests.services import wait_until
@@ -45,7 +46,7 @@ def test_enqueue_with_redis_down_fails_cleanly_and_writes_nothing(own_redis, run
     # ---- Redis back: nothing of the failed batch anywhere -----------------------------------------------------------
     own_redis.start()
     client = redis.Redis.from_url(own_redis.url)
-    assert _guild_keys(client) == [] and [client.llen(q) for q in keys.PRIORITIES] == [0, 0, 0]
+    assert _guild_keys(client) == [] and [client.llen(q) for q in PRIORITIES] == [0, 0, 0]
     datasets = guild_home / "datasets"
     assert not datasets.exists() or not [p for p in datasets.rglob("*") if p.is_file()]
     assert not list((guild_home / "campaigns").glob("*/while-down")) if (guild_home / "campaigns").exists() else True
@@ -58,7 +59,7 @@ def test_enqueue_with_redis_down_fails_cleanly_and_writes_nothing(own_redis, run
                   exit_code=out.returncode, records_after=0, dataset_copies_after=0)
 
 
-def test_a_failed_publish_leaves_no_job_behind(store, guild_env, tmp_path):
+def test_a_failed_publish_leaves_no_job_behind(store, redis_client, guild_env, tmp_path):
     """A job whose message could not be sent is rolled back: queued without a message it would never run, and it
     would block its campaign and refuse its file as a duplicate (RELIABILITY.md, finding 3)."""
     from kombu.exceptions import OperationalError
@@ -78,7 +79,7 @@ def test_a_failed_publish_leaves_no_job_behind(store, guild_env, tmp_path):
         submit(get_settings(), store, SubmitRequest(paths=files, campaign="publish-fails"), publish)
     left = {j.id: j.status.value for j in store.list()}
     assert left == {}, f"jobs left without (all) their messages: {left}"
-    assert _guild_keys(store.redis) in ([], [keys.JOB_SEQ])
+    assert _guild_keys(redis_client) in ([], [keys.JOB_SEQ])
 
 
 @pytest.mark.integration

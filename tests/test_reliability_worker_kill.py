@@ -99,7 +99,7 @@ def test_killed_worker_job_resumes_from_its_checkpoint(submit_jobs, start_worker
             return progress.get("step", 0) >= kill_step and latest_checkpoint(checkpoint_dir) is not None
 
         wait_until(reached, 60, interval_s=0.05, what=f"{job_id} at step {kill_step} with a checkpoint")
-        running_on = store.runtime(job_id)["worker"]
+        running_on = store.runtime(job_id).worker
         [victim] = [w for w in live if w.name == running_on]
         victim.kill()
         killed_at = time.monotonic()
@@ -116,7 +116,7 @@ def test_killed_worker_job_resumes_from_its_checkpoint(submit_jobs, start_worker
         try:
             wait_until(claimed_again, RECOVERY_BOUND_S, interval_s=0.05, what=f"{job_id} claimed again")
         except TimeoutError:
-            lock = store.redis.get(f"guild:campaign:{campaign}:lock")
+            lock = store.campaign_lock_holder(campaign)
             pytest.fail(f"kill point {n} (step {kill_step}): {job_id} not claimed again {RECOVERY_BOUND_S} s after "
                         f"SIGKILL; history {[h['reason'] for h in store.history(job_id)]}; campaign lock {lock!r}")
         recovery_s = time.monotonic() - killed_at
