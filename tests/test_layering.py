@@ -11,8 +11,8 @@ from pathlib import Path
 from tests.services import REPO
 
 # Bottom to top. A package may import packages of a lower rank only (same rank: neither imports the other).
-RANKS = {"config": 0, "heroes": 1, "engine": 1, "campaigns": 2, "jobs": 3, "tasks": 4, "celeryconfig": 5,
-         "flowerconfig": 5}
+RANKS = {"config": 0, "engine": 1, "heroes": 2, "campaigns": 3, "jobs": 4, "tasks": 5, "celeryconfig": 6,
+         "flowerconfig": 6}
 PACKAGES = ("config", "heroes", "engine", "campaigns", "jobs", "tasks")
 TOP_LEVEL = ("celeryconfig.py", "flowerconfig.py")
 CLIS = ("enqueue.py", "doctor.py")  # like every */__main__.py: on top of everything, may import any package
