@@ -9,3 +9,11 @@ class CampaignError(GuildError):
 
 class UnknownCampaign(CampaignError):
     """Raised when no campaign has the requested name."""
+
+
+class RetentionPolicyError(CampaignError):
+    """Raised when a campaign's checkpoint retention policy has a bad value."""
+
+
+class InsufficientDisk(CampaignError):
+    """Raised when a job cannot start because its checkpoints would not fit on the disk."""

@@ -163,6 +163,10 @@ class JobRunner:
         beat.start()
         try:
             plan = self._prepare(job)
+            from campaigns.retention import ensure_checkpoint_space
+
+            ensure_checkpoint_space(plan["checkpoint_dir"], plan["campaign"], plan["model_path"],
+                                    plan["config"].hyperparams.save_total_limit)
             self.store.update(job.id, config_hash=plan["config_hash"], git_commit=git_commit(),
                               start_step=plan["start_step"],
                               metadata={**job.metadata, "config": plan["config"].to_dict(),
@@ -298,6 +302,12 @@ class JobRunner:
                 if job.id not in campaign.job_ids:
                     campaign.job_ids.append(job.id)
             self.store.transition(job.id, JobStatus.COMPLETED, reason="trained", fields=fields)
+            from campaigns.retention import apply_retention
+
+            try:  # bounded disk: the campaign's checkpoint policy, now that this job's final is the latest
+                apply_retention(self.campaigns, job.campaign_id, self.store)
+            except Exception as exc:  # noqa: BLE001 - pruning must never fail a trained job
+                logger.warning("job %s: checkpoint retention failed: %s", job.id, exc)
             return Outcome("completed")
         if result.status == "stopped":
             if control.reason == "cancel":
