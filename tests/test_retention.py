@@ -277,14 +277,21 @@ def test_a_job_is_refused_when_its_checkpoints_would_not_fit(store, guild_env, m
     assert "python -m campaigns prune main-tiny-qwen3" in failed.last_error
 
 
-def test_prune_cli_dry_run_then_prune(run_cli, store, guild_home):
+def stage_in_redis(store, guild_home: Path) -> Path:
+    """The staged campaign under ``guild_home`` with its job records in Redis, each brought to its state the legal
+    way; returns the checkpoint root."""
     _, root, jobs = _stage(guild_home)
-    for job in jobs.jobs.values():  # the same records in Redis, each brought to its state the legal way
+    for job in jobs.jobs.values():
         store.create(job.__class__(**{**job.__dict__, "status": JobStatus.QUEUED}), f"sha-{job.id}")
         if job.status is not JobStatus.QUEUED:
             store.transition(job.id, JobStatus.PROCESSING, reason="test")
             if job.status is not JobStatus.PROCESSING:
                 store.transition(job.id, job.status, reason="test", fields={"final_step": job.final_step})
+    return root
+
+
+def test_prune_cli_dry_run_then_prune(run_cli, store, guild_home):
+    root = stage_in_redis(store, guild_home)
     before = _tree(root)
     dry = run_cli("campaigns", "prune", "ret", "--dry-run")
     assert dry.returncode == 0, dry.stderr
