@@ -80,3 +80,9 @@ def test_enqueue_path_never_imports_torch(guild_env):
     out = subprocess.run([sys.executable, "-c", code, str(EXAMPLES / "messages.jsonl")], cwd=REPO, env=guild_env,
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
+
+
+def test_preempt_needs_priority_high(run_cli, redis_client):
+    out = run_cli("enqueue", str(EXAMPLES / "text.jsonl"), "--preempt")
+    assert out.returncode == 2 and "--preempt" in out.stderr and "add --priority high" in out.stderr
+    assert _queue_lengths(redis_client) == {"high": 0, "normal": 0, "low": 0}
