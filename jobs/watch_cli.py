@@ -104,18 +104,18 @@ class _Progress:
     def _bar(self, job: Job, p: dict) -> None:
         start = job.start_step or 0
         total, step = max(p["total_steps"] - start, 1), max(p.get("step", start) - start, 0)
+        # tqdm's own rate and remaining time would count from when this watch began, not from the job's start
+        # (a resumed job starts at its checkpoint): the bar shows the figures the worker measures instead.
+        bar_format = "{desc} {percentage:3.0f}%|{bar}| " + _figures(job, p).replace("{", "{{").replace("}", "}}")
         if self.bar is None:
             from tqdm import tqdm
 
             if self._line:
                 print(file=self.stream)
                 self._line = ""
-            # tqdm's own rate and remaining time would count from when this watch began, not from the job's
-            # start (a resumed job starts at its checkpoint): show the figures the worker measures instead.
             self.bar = tqdm(total=total, initial=step, desc=self.job_id[:40], unit="step", file=self.stream,
-                            dynamic_ncols=True, bar_format="{desc} {percentage:3.0f}%|{bar}| {postfix}")
-        self.bar.total, self.bar.n = total, step
-        self.bar.set_postfix_str(_figures(job, p), refresh=False)
+                            dynamic_ncols=True, bar_format=bar_format)
+        self.bar.total, self.bar.n, self.bar.bar_format = total, step, bar_format
         self.bar.refresh()
 
     def _plain(self, line: str, final: bool) -> None:
