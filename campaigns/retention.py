@@ -265,8 +265,7 @@ def apply_retention(campaigns: CampaignStore, name: str, jobs: JobLookup, dry_ru
     campaign = campaigns.get(name)
     root = campaigns.checkpoint_root(campaign)
     with _exclusive(root.parent):
-        ids = sorted({d.name for d in _job_dirs(root)} | set(campaign.job_ids))
-        records = {j.id: j for j in jobs.get_many(ids)} if ids else {}
+        records = _records(jobs, root)
         campaign = campaigns.get(name)  # after the job records: see the docstring
         policy = policy_of(campaign)
         report = RetentionReport(campaign.id, policy, dry_run, plan_retention(root, campaign, records, policy))
@@ -327,8 +326,7 @@ def disk_usage(campaigns: CampaignStore, campaign: Campaign, jobs: JobLookup | N
     """The disk figures of ``campaign``. Without ``jobs`` (Redis unreachable) checkpoints are classed by content
     only (retry and running ones count as full) and what a prune would free is unknown (None)."""
     root = campaigns.checkpoint_root(campaign)
-    ids = sorted({d.name for d in _job_dirs(root)} | set(campaign.job_ids))
-    records = {j.id: j for j in jobs.get_many(ids)} if jobs is not None and ids else {}
+    records = _records(jobs, root) if jobs is not None else {}
     by_kind = dict.fromkeys(Kind, 0)
     reclaimable = None
     if jobs is not None:
@@ -430,6 +428,13 @@ def _job_dirs(root: Path) -> list[Path]:
         return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     except OSError:
         return []
+
+
+def _records(jobs: JobLookup, root: Path) -> dict[str, Job]:
+    """The records of the jobs that have a directory under ``root`` (only those matter, and retention keeps them
+    few: a campaign of thousands of jobs is not read whole after every job)."""
+    ids = [d.name for d in _job_dirs(root)]
+    return {j.id: j for j in jobs.get_many(ids)} if ids else {}
 
 
 def _entries(job_dir: Path) -> list[Path]:
