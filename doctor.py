@@ -122,12 +122,8 @@ def _local_checks(settings) -> list[Check]:
 def _disk_check(settings, min_free: str | None, client) -> Check:
     """Free space under $GUILD_HOME against the threshold, with what the campaigns' checkpoints use."""
     from campaigns.campaign import CampaignStore
-    from campaigns.retention import (
-        disk_usage,
-        estimate_checkpoint_bytes,
-        format_bytes,
-        low_disk_threshold,
-    )
+    from campaigns.disk import estimate_checkpoint_bytes, format_bytes, low_disk_threshold
+    from campaigns.retention import disk_usage
 
     settings.guild_home.mkdir(parents=True, exist_ok=True)
     usage = shutil.disk_usage(settings.guild_home)

@@ -120,7 +120,8 @@ def _retention(store, args) -> int:
 
 
 def _prune(settings, store, args) -> int:
-    from campaigns.retention import apply_retention, format_bytes
+    from campaigns.disk import format_bytes
+    from campaigns.retention import apply_retention
 
     report = apply_retention(store, args.name, _job_store(settings), dry_run=args.dry_run)
     if args.json:
@@ -165,7 +166,7 @@ def _show(settings, store, args) -> int:
 
 
 def _print_disk(usage, name: str, note: str) -> None:
-    from campaigns.retention import format_bytes
+    from campaigns.disk import format_bytes
 
     print(f"{'disk:':20} checkpoints under {usage.path}")
     rows = [("full", usage.full_bytes, "resumable: weights, optimizer and RNG state"),

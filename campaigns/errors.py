@@ -17,3 +17,7 @@ class RetentionPolicyError(CampaignError):
 
 class InsufficientDisk(CampaignError):
     """Raised when a job cannot start because its checkpoints would not fit on the disk."""
+
+
+class DiskSizeError(CampaignError):
+    """Raised when a size given on the command line (``doctor --min-free``) cannot be read."""

@@ -163,7 +163,7 @@ class JobRunner:
         beat.start()
         try:
             plan = self._prepare(job)
-            from campaigns.retention import ensure_checkpoint_space
+            from campaigns.disk import ensure_checkpoint_space
 
             ensure_checkpoint_space(plan["checkpoint_dir"], plan["campaign"], plan["model_path"],
                                     plan["config"].hyperparams.save_total_limit)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from campaigns.retention import format_bytes
+from campaigns.disk import format_bytes
 from tests.test_retention import FULL, STATE, stage_in_redis
 
 
