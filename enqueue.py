@@ -33,6 +33,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.preempt and args.priority != "high":
+        print(f"error: --preempt makes a running low job step aside for a high one: add --priority high "
+              f"(got --priority {args.priority}); nothing enqueued", file=sys.stderr)
+        return 2
     try:
         from config.layers import parse_set_args
         from config.settings import get_settings
@@ -67,15 +71,18 @@ def main(argv: list[str] | None = None) -> int:
 
         print(f"error: {describe_unexpected(exc, nothing_enqueued=True)}", file=sys.stderr)
         return 1
+    if args.wait:
+        from jobs.watch_cli import watch_jobs
+
+        if not args.json:
+            print("\n".join(j.id for j in jobs), flush=True)
+        # With --json, stdout carries only the final records (one JSON list); progress goes to stderr.
+        return watch_jobs(store, [j.id for j in jobs], as_json=args.json)
     if args.json:
         print(json.dumps([j.to_dict() for j in jobs], indent=2))
     else:
         for job in jobs:
             print(job.id)
-    if args.wait:
-        from jobs.watch_cli import watch_jobs
-
-        return watch_jobs(store, [j.id for j in jobs], quiet_ids=args.json)
     return 0
 
 

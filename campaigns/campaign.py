@@ -57,6 +57,7 @@ class Campaign:
     current_step: int = 0
     latest_checkpoint: str | None = None
     job_ids: list[str] = field(default_factory=list)
+    retention: dict[str, Any] = field(default_factory=dict)  # checkpoint policy; see jobs.retention
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -13,3 +13,15 @@ class UnknownCampaign(CampaignError):
 
 class ExportError(CampaignError):
     """Raised when a campaign cannot be exported: the target exists, there is no checkpoint, or it cannot be read."""
+
+
+class RetentionPolicyError(CampaignError):
+    """Raised when a campaign's checkpoint retention policy has a bad value."""
+
+
+class InsufficientDisk(CampaignError):
+    """Raised when a job cannot start because its checkpoints would not fit on the disk."""
+
+
+class DiskSizeError(CampaignError):
+    """Raised when a size given on the command line (``doctor --min-free``) cannot be read."""

@@ -4,4 +4,4 @@ from celery import Celery
 
 app = Celery("guild")
 app.config_from_object("celeryconfig")
-app.conf.imports = ("tasks.train", "tasks.signals")
+app.conf.imports = ("tasks.train", "tasks.signals", "tasks.device_check")

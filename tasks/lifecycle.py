@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from campaigns.campaign import Campaign, CampaignStore
+from campaigns.disk import ensure_checkpoint_space
 from campaigns.lock import CampaignLock
 from config.code_version import git_commit
 from config.errors import GuildError
@@ -34,6 +35,7 @@ from jobs.errors import NotOwner
 from jobs.job import Job, JobStatus, StopReason, utc_now
 from jobs.publisher import Publisher
 from jobs.queues import DEFAULT_DEFER_DELAY_S, DEFAULT_HEARTBEAT_S, PROGRESS_WRITE_INTERVAL_S
+from jobs.retention import apply_retention
 from jobs.retry import Action, RetryPolicy
 from tasks.engines import Engine, ResumePoint, load_engine
 
@@ -219,6 +221,9 @@ class JobRunner:
         beat.start()
         try:
             prep = self._prepare(job)
+            # Bounded disk: a job that could not write its checkpoints fails now, with what it needs and the fix.
+            ensure_checkpoint_space(prep.checkpoint_dir, prep.campaign, prep.model_path,
+                                    job.plan.config.hyperparams.save_total_limit)
             self.store.update(job.id, owner=token, start_step=prep.resume.step,
                               metadata={**job.metadata,
                                         "resume_from": str(prep.resume.path) if prep.resume.path else None})
@@ -370,9 +375,22 @@ class JobRunner:
             campaign.code_version = git_commit()
             if job.id not in campaign.job_ids:
                 campaign.job_ids.append(job.id)
-        return self._end(job, lambda: self.store.transition(job.id, JobStatus.COMPLETED, owner=token,
-                                                            reason="trained", fields=fields),
-                         Outcome(OutcomeKind.COMPLETED))
+        outcome = self._end(job, lambda: self.store.transition(job.id, JobStatus.COMPLETED, owner=token,
+                                                               reason="trained", fields=fields),
+                            Outcome(OutcomeKind.COMPLETED))
+        if outcome.action is OutcomeKind.COMPLETED:
+            self._apply_retention(job)
+        return outcome
+
+    def _apply_retention(self, job: Job) -> None:
+        """Bounded disk: the campaign's checkpoint policy, now that this job's final checkpoint is the latest.
+        Runs while the job still holds its campaign lock; pruning never fails a trained job."""
+        try:
+            report = apply_retention(self.campaigns, job.campaign_id, self.store)
+            for error in report.errors:
+                logger.warning("job %s: checkpoint retention: %s", job.id, error)
+        except Exception as exc:  # noqa: BLE001
+            logger.warning("job %s: checkpoint retention failed: %s", job.id, exc)
 
     def _step_aside(self, job: Job, token: str, fields: dict, reason: str, republish: Publisher) -> Outcome:
         fields = {**fields, "finished_at": None}

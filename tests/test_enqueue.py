@@ -115,3 +115,9 @@ def test_a_corrupted_key_refuses_the_enqueue_and_leaves_nothing(run_cli, redis_c
     doctor = json.loads(run_cli("doctor", "--json", timeout=60).stdout)
     layout = next(c for c in doctor["checks"] if c["name"] == "redis-layout")
     assert not layout["ok"] and "guild:jobs:queued is a list" in layout["detail"] and not doctor["healthy"]
+
+
+def test_preempt_needs_priority_high(run_cli, redis_client):
+    out = run_cli("enqueue", str(EXAMPLES / "text.jsonl"), "--preempt")
+    assert out.returncode == 2 and "--preempt" in out.stderr and "add --priority high" in out.stderr
+    assert _queue_lengths(redis_client) == {"high": 0, "normal": 0, "low": 0}
