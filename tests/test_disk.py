@@ -63,10 +63,11 @@ def test_format_bytes():
 def test_a_job_is_refused_when_its_checkpoints_would_not_fit(store, guild_env, monkeypatch):
     from config.settings import get_settings
     from jobs.submit import SubmitRequest, submit
+    from tasks.engines import TorchEngine
     from tasks.lifecycle import JobRunner
     from tests.services import REPO
 
-    class NeverCalled:
+    class NeverCalled(TorchEngine):  # materialises the model like the real engine; must never train
         def run_job(self, *args, **kwargs):
             raise AssertionError("the engine must not start")
 

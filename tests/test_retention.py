@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from campaigns import retention
 from campaigns.campaign import Campaign, CampaignStore
 from campaigns.disk import format_bytes
 from campaigns.errors import RetentionPolicyError
 from engine import checkpoint_layout as layout
+from jobs import retention
 from jobs.job import Job, JobStatus
 from tests.test_engine_checkpoint_layout import FILES, fake_checkpoint
 
