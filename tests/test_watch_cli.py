@@ -43,7 +43,7 @@ def test_the_bar_shows_the_jobs_own_step_rate_and_eta(store):
     """A job resumed at step 100 of 130 (now at 112): 40% of this job, the worker's tok/s and ETA."""
     _job(store, 1)
     store.transition("w1", JobStatus.PROCESSING, fields={"start_step": 100})
-    store.heartbeat("w1", {"step": 112, "total_steps": 130, "loss": 4.2031, "lr": 1e-3, "tokens_per_sec": 3100.4,
+    store.update("w1", progress={"step": 112, "total_steps": 130, "loss": 4.2031, "lr": 1e-3, "tokens_per_sec": 3100.4,
                            "eta_s": 95.0})
     _finish_later(store, "w1")
     out = Terminal()
