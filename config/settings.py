@@ -50,6 +50,18 @@ class Settings:
     flower_address: str | None = None
     heartbeat_stale_s: float = 60.0
     sweep_interval_s: float = 15.0
+    max_dataset_bytes: int | None = None  # None: engine.formats' default (see dataset_limits)
+    max_line_bytes: int | None = None
+    max_examples: int | None = None
+
+    @property
+    def dataset_limits(self):
+        """The :class:`engine.formats.DatasetLimits` enqueue applies: the defaults, or the GUILD_MAX_* overrides."""
+        from engine.formats import DEFAULT_LIMITS, DatasetLimits
+
+        return DatasetLimits(self.max_dataset_bytes or DEFAULT_LIMITS.max_file_bytes,
+                             self.max_line_bytes or DEFAULT_LIMITS.max_line_bytes,
+                             self.max_examples or DEFAULT_LIMITS.max_examples)
 
     @classmethod
     def from_env(cls, environ: dict | None = None) -> Settings:
@@ -77,6 +89,9 @@ class Settings:
             verbose=bool(_flag(env.get("GUILD_VERBOSE"), "GUILD_VERBOSE")),
             cuda_visible_devices=env.get("CUDA_VISIBLE_DEVICES"),
             visibility_timeout_s=vt_int,
+            max_dataset_bytes=_count(env, "GUILD_MAX_DATASET_BYTES"),
+            max_line_bytes=_count(env, "GUILD_MAX_LINE_BYTES"),
+            max_examples=_count(env, "GUILD_MAX_EXAMPLES"),
         )
 
 
@@ -88,6 +103,27 @@ def _seconds(env, name: str, default: float) -> float:
         value = float(raw)
     except ValueError:
         raise SettingsError(f"{name}={raw!r} is not a number of seconds") from None
+    if value <= 0:
+        raise SettingsError(f"{name} must be positive")
+    return value
+
+
+def _count(env, name: str) -> int | None:
+    """A positive whole number (``2000000``, ``2_000_000``, or bytes as ``4GiB``/``512MiB``/``64KiB``), or None."""
+    raw = (env.get(name) or "").strip()
+    if not raw:
+        return None
+    units = {"kib": 2**10, "mib": 2**20, "gib": 2**30}
+    scale = 1
+    for suffix, factor in units.items():
+        if raw.lower().endswith(suffix):
+            raw, scale = raw[: -len(suffix)].strip(), factor
+            break
+    try:
+        value = int(raw.replace("_", "")) * scale
+    except ValueError:
+        raise SettingsError(f"{name}={env.get(name)!r} is not a whole number (e.g. 2000000, or 4GiB for bytes)") \
+            from None
     if value <= 0:
         raise SettingsError(f"{name} must be positive")
     return value

@@ -16,7 +16,7 @@ from config.errors import ConfigError, GuildError
 from config.layers import resolve_job_config
 from config.locked import build_locked_config
 from config.settings import Settings
-from engine.formats import DatasetError, parse_bytes
+from engine.formats import DatasetError
 from heroes.profile import DEFAULT_HERO, load_hero
 from jobs.datasets import store_dataset
 from jobs.errors import DuplicateDataset
@@ -41,7 +41,7 @@ class SubmitRequest:
 @dataclass
 class CheckedFile:
     path: str
-    data: bytes
+    source: Path  # the file itself: validated in one streaming pass, copied into the store in another
     sha256: str
     num_examples: int
     estimated_tokens: int
@@ -52,22 +52,25 @@ class BatchRejected(GuildError):
     """Raised when any file of a batch is unusable; nothing of the batch was enqueued. One problem per line."""
 
 
-def check_files(paths: list[str]) -> list[CheckedFile]:
-    """Read and validate every file completely. Raises BatchRejected listing every problem of every file."""
-    import hashlib
+def check_files(paths: list[str], limits=None) -> list[CheckedFile]:
+    """Validate every line of every file, streaming. Raises BatchRejected listing every problem of every file.
 
-    from engine.formats import estimate_tokens, read_bytes
+    Args:
+        limits: the :class:`engine.formats.DatasetLimits` to apply; default: the settings' (GUILD_MAX_*).
+    """
+    from config.settings import get_settings
+    from engine.formats import validate_file
 
+    limits = limits or get_settings().dataset_limits
     checked, problems = [], []
     for path in paths:
         try:
-            data = read_bytes(path, path)
-            examples = parse_bytes(data, path)
+            summary = validate_file(path, path, limits=limits)
         except DatasetError as exc:
-            problems.extend(str(p) for p in exc.problems)
+            problems.extend(exc.report_lines())
             continue
-        checked.append(CheckedFile(path, data, hashlib.sha256(data).hexdigest(), len(examples),
-                                   estimate_tokens(examples), examples[0].format))
+        checked.append(CheckedFile(path, Path(path), summary.sha256, summary.num_examples, summary.estimated_tokens,
+                                   summary.format))
     if problems:
         raise BatchRejected("\n".join(problems))
     return checked
@@ -145,7 +148,7 @@ def submit(settings: Settings, store: JobStore, request: SubmitRequest, publish)
     created: list[Job] = []
     try:
         for f in files:
-            stored = store_dataset(settings.guild_home, f.sha256, f.data)
+            stored = store_dataset(settings.guild_home, f.sha256, f.source)
             job = Job(id=make_job_id(Path(f.path).name), dataset_path=str(stored), hero_id=hero.id,
                       campaign_id=campaign.id, priority=request.priority, num_examples=f.num_examples,
                       estimated_tokens=f.estimated_tokens, git_commit=git_commit(),
