@@ -56,6 +56,7 @@ def run_checks(settings, min_depth: int = 0, inspect_timeout_s: float = 2.0) -> 
     checks.extend(_worker_checks(inspect_timeout_s))
     checks.extend(_local_checks(settings))
     checks.extend(_job_checks(settings, client, min_depth))
+    checks.append(_dead_letter_check(settings, client))
     return checks
 
 
@@ -121,12 +122,21 @@ def _job_checks(settings, client, min_depth: int) -> list[Check]:
                      + (f": {', '.join(stale_locks)}" if stale_locks else ""),
                      "they expire with their lease; if not, delete the key"))
     depth = {s: client.scard(keys.JOBS_BY_STATUS.format(status=s)) for s in ("queued", "processing")}
-    queue_lengths = {q: client.llen(q) for q in keys.PRIORITIES}
+    queue_lengths = {q: client.llen(keys.celery_key(q)) for q in keys.PRIORITIES}
     healthy = is_healthy(store, min_depth)
     out.append(Check("queue-depth", healthy, f"{depth['queued']} queued, {depth['processing']} processing; "
                      f"messages high={queue_lengths['high']} normal={queue_lengths['normal']} "
                      f"low={queue_lengths['low']} (min depth {min_depth})", "enqueue work: python -m enqueue FILE"))
     return out
+
+
+def _dead_letter_check(settings, client) -> Check:
+    """Messages no worker could run (tasks/poison.py): moved aside, not lost, but someone sent them."""
+    from jobs.store import JobStore
+
+    count = JobStore(client, settings.guild_home).dead_letter_count()
+    return Check("dead-letters", count == 0, f"{count} message(s) no worker could run" if count else "none",
+                 "look at them with `python -m jobs dead-letters` (who sent them?), then `--clear`", warning=True)
 
 
 def _redact(url: str) -> str:

@@ -35,6 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
     resume.add_argument("--worker", help="one worker; default: all")
     retry = sub.add_parser("retry", help="queue a failed or cancelled job again (resumes from its checkpoint)")
     retry.add_argument("id")
+    dead = sub.add_parser("dead-letters", help="messages no worker could run, moved aside (newest first)")
+    dead.add_argument("--json", action="store_true")
+    dead.add_argument("--limit", type=int, default=50, help="show at most this many (default 50)")
+    dead.add_argument("--clear", action="store_true", help="forget them all (after looking at them)")
     return p
 
 
@@ -122,7 +126,32 @@ def _run(args, store) -> int:
 
             print(retry_job(store, args.id, lambda jid, prio: publish_job(app, jid, prio)))
         return 0
+    if args.command == "dead-letters":
+        return _dead_letters(store, args)
     raise AssertionError(args.command)  # pragma: no cover
+
+
+def _dead_letters(store, args) -> int:
+    if args.clear:
+        print(f"cleared {store.clear_dead_letters()} dead letter(s)")
+        return 0
+    letters = store.dead_letters(limit=args.limit)
+    if args.json:
+        print(json.dumps(letters, indent=2))
+        return 0
+    import base64
+
+    from tasks.poison import describe_body
+
+    total = store.dead_letter_count()
+    print(f"{total} dead letter(s): messages no worker could run, kept with their raw body" + (
+        f" (newest {len(letters)} shown)" if total > len(letters) else ""))
+    for d in letters:
+        headers = d.get("headers") or {}
+        who = ", ".join(f"{k}={headers[k]!r}" for k in ("task", "id") if k in headers) or "no task headers"
+        print(f"{d['at']}  queue {d.get('queue') or '?'}  {who}\n  error: {d['error']}\n"
+              f"  body ({d.get('body_bytes', 0)} bytes): {describe_body(base64.b64decode(d.get('body_base64', '')))}")
+    return 0
 
 
 if __name__ == "__main__":

@@ -2,6 +2,15 @@
 
 PREFIX = "guild:"
 PRIORITIES = ("high", "normal", "low")  # also the Celery queue names, consumed strictly in this order
+# Every key Celery and kombu write (queue lists, unacked messages, bindings, results) starts with this
+# (global_keyprefix), so no queue name a client picks can reach a guild: key.
+CELERY_PREFIX = "guild-celery:"
+
+
+def celery_key(name: str) -> str:
+    """The Redis key of kombu's list for queue ``name`` (or of another Celery key): ``guild-celery:high``."""
+    return CELERY_PREFIX + name
+
 PRIORITY_RANK = {name: rank for rank, name in enumerate(PRIORITIES)}
 
 JOB = PREFIX + "job:{id}"                      # hash: one JSON-encoded value per Job field
@@ -17,6 +26,7 @@ CAMPAIGN_LOCK = PREFIX + "campaign:{id}:lock"   # string: holder token, with a l
 CAMPAIGN_PENDING = PREFIX + "campaign:{id}:pending"  # zset of queued/processing jobs of a campaign, queue order
 CONTROL_PAUSED = PREFIX + "control:paused"      # set of paused worker names
 WORKERS = PREFIX + "workers"                    # hash: worker name → epoch seconds of its last sign of life
+DEAD_LETTERS = PREFIX + "dead-letters"          # list of JSON records of messages no worker could run, newest first
 
 PRIORITY_SCORE_SCALE = 10**12
 
@@ -24,6 +34,8 @@ DEFAULT_HEARTBEAT_S = 5.0
 DEFAULT_HEARTBEAT_STALE_S = 60.0
 DEFAULT_CAMPAIGN_LEASE_S = 60.0
 DEFAULT_VISIBILITY_TIMEOUT_S = 7 * 24 * 3600  # above the longest job a user may run
+DEAD_LETTERS_KEEP = 10_000  # the newest this many dead letters are kept
+DEAD_LETTER_BODY_BYTES = 1 << 20  # a dead letter keeps at most this much of a message's body
 DEFAULT_DEFER_DELAY_S = 1.0  # how long a job whose campaign is busy waits before going back to its queue
 
 

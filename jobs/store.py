@@ -284,3 +284,36 @@ class JobStore:
             if hb is None or now - hb >= stale_after_s:
                 out.append(job_id)
         return out
+
+    # ------------------------------------------------------------------------------------------ dead letters
+    # Minimal version written by the harden helper (tasks/poison.py calls it); the refactor helper's
+    # JobStore.dead_letter with the same signature replaces it on merge.
+
+    def dead_letter(self, raw_body: bytes, headers: dict, error: str, queue: str) -> None:
+        """Keep a message no worker could run: its raw body (base64, at most ``DEAD_LETTER_BODY_BYTES``), headers,
+        the error, its queue and the time. The newest ``DEAD_LETTERS_KEEP`` are kept."""
+        import base64
+
+        record = {"at": utc_now(), "queue": queue, "error": error, "headers": headers,
+                  "body_bytes": len(raw_body),
+                  "body_base64": base64.b64encode(raw_body[: keys.DEAD_LETTER_BODY_BYTES]).decode()}
+        with self.redis.pipeline() as pipe:
+            pipe.lpush(keys.DEAD_LETTERS, json.dumps(record, default=repr))
+            pipe.ltrim(keys.DEAD_LETTERS, 0, keys.DEAD_LETTERS_KEEP - 1)
+            pipe.execute()
+
+    def dead_letters(self, limit: int | None = None) -> list[dict[str, Any]]:
+        """The dead letters, newest first (``body_base64`` holds the raw body)."""
+        raw = self.redis.lrange(keys.DEAD_LETTERS, 0, -1 if limit is None else limit - 1)
+        return [json.loads(r) for r in raw]
+
+    def dead_letter_count(self) -> int:
+        return int(self.redis.llen(keys.DEAD_LETTERS))
+
+    def clear_dead_letters(self) -> int:
+        """Forget every dead letter; returns how many there were."""
+        with self.redis.pipeline() as pipe:
+            pipe.llen(keys.DEAD_LETTERS)
+            pipe.delete(keys.DEAD_LETTERS)
+            count, _ = pipe.execute()
+        return int(count)

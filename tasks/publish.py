@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from jobs.keys import PRIORITIES
+from jobs.keys import PRIORITIES, celery_key
 
 TASK_NAME = "guild.train"
 
@@ -35,4 +35,5 @@ def publish_job(app, job_id: str, priority: str, at_head: bool = False) -> None:
     if at_head:
         with app.connection_for_write() as conn:
             client = conn.default_channel.client
-            client.eval(_MOVE_TO_HEAD, 1, priority, f'"id": "{job_id}"')
+            # EVAL's keys are not prefixed by kombu's client (global_keyprefix): name the list in full.
+            client.eval(_MOVE_TO_HEAD, 1, celery_key(priority), f'"id": "{job_id}"')

@@ -18,6 +18,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from jobs.keys import celery_key
 from tests.services import REPO, RedisServer, free_port, stop_pid, wait_until
 
 FIGURES = REPO / "test-artifacts" / "reliability" / "figures.jsonl"
@@ -142,7 +143,7 @@ class Submitter:
 
 def queue_messages(client, queue: str) -> list[dict]:
     """The Celery messages waiting in one kombu queue list, decoded (headers hold the task id)."""
-    return [json.loads(raw) for raw in client.lrange(queue, 0, -1)]
+    return [json.loads(raw) for raw in client.lrange(celery_key(queue), 0, -1)]
 
 
 def queued_task_ids(client, queues=("high", "normal", "low")) -> list[str]:
@@ -152,7 +153,7 @@ def queued_task_ids(client, queues=("high", "normal", "low")) -> list[str]:
 
 def unacked_task_ids(client) -> list[str]:
     """Task ids of the messages workers hold (delivered, not acked yet): kombu's ``unacked`` hash."""
-    return [json.loads(raw)[0]["headers"]["id"] for raw in client.hvals("unacked")]
+    return [json.loads(raw)[0]["headers"]["id"] for raw in client.hvals(celery_key("unacked"))]
 
 
 def no_traceback(text: str) -> bool:

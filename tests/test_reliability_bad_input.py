@@ -121,7 +121,7 @@ def _make(directory, case: Case) -> str:
 
 def _enqueued_anything(client, home) -> list[str]:
     found = [k.decode() for k in client.scan_iter(match=keys.PREFIX + "*")]
-    found += [f"queue {q}" for q in keys.PRIORITIES if client.llen(q)]
+    found += [f"queue {q}" for q in keys.PRIORITIES if client.llen(keys.celery_key(q))]
     datasets = home / "datasets"
     found += [str(p) for p in datasets.rglob("*") if p.is_file()] if datasets.exists() else []
     found += [str(p) for p in (home / "campaigns").glob("*/*")] if (home / "campaigns").exists() else []

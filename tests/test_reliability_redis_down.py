@@ -45,7 +45,7 @@ def test_enqueue_with_redis_down_fails_cleanly_and_writes_nothing(own_redis, run
     # ---- Redis back: nothing of the failed batch anywhere -----------------------------------------------------------
     own_redis.start()
     client = redis.Redis.from_url(own_redis.url)
-    assert _guild_keys(client) == [] and [client.llen(q) for q in keys.PRIORITIES] == [0, 0, 0]
+    assert _guild_keys(client) == [] and [client.llen(keys.celery_key(q)) for q in keys.PRIORITIES] == [0, 0, 0]
     datasets = guild_home / "datasets"
     assert not datasets.exists() or not [p for p in datasets.rglob("*") if p.is_file()]
     assert not list((guild_home / "campaigns").glob("*/while-down")) if (guild_home / "campaigns").exists() else True

@@ -49,32 +49,96 @@ class _CreatesFileWhenUnpickled:
 # ----------------------------------------------------------------------------------------------- messages
 
 
+JSON = "application/json"
+
+
+def _envelope(body: bytes = b'[["no-such-job"], {}, {}]', *, tag: str = "", content_type: str | None = JSON,
+              headers: object = None, raw_body: str | None = None, **header_changes) -> str:
+    """A message as kombu's Redis transport stores it in a queue list (what anyone who can write to Redis sends)."""
+    if headers is None:
+        headers = {"lang": "py", "task": "guild.train", "id": f"poison-{tag}", "root_id": f"poison-{tag}",
+                   "retries": 0, "timelimit": [None, None], "argsrepr": "", "kwargsrepr": "", **header_changes}
+    return json.dumps({
+        "body": raw_body if raw_body is not None else base64.b64encode(body).decode(),
+        "content-encoding": "utf-8" if content_type else None, "content-type": content_type, "headers": headers,
+        "properties": {"correlation_id": tag, "delivery_mode": 2, "priority": 0, "body_encoding": "base64",
+                       "delivery_info": {"exchange": "", "routing_key": "high"}, "delivery_tag": f"tag-{tag}"}})
+
+
+# (what was sent, the envelope pushed onto the "high" list, what the dead letter's error says)
+POISON = [
+    ("body \"hello\"", _envelope(b'"hello"', tag="hello"), "the body is a string ('hello')"),
+    ("body 5", _envelope(b"5", tag="five"), "the body is a number (5)"),
+    ("body not JSON", _envelope(b"{not json", tag="notjson"), "cannot decode the body"),
+    ("binary body, no content type", _envelope(bytes(range(256)), tag="binary", content_type=None),
+     "a body without a content type"),
+    ("time limit \"xx\"", _envelope(tag="tl", timelimit=["xx", None]), "header 'timelimit' is ['xx', None]"),
+    ("time limit a string", _envelope(tag="tls", timelimit="xx"), "header 'timelimit' is 'xx'"),
+    ("headers a string", _envelope(headers="x"), "not a kombu message envelope: AttributeError"),
+    ("no task id", _envelope(headers={"task": "guild.train"}), "header 'id' is None"),
+    ("unknown task", _envelope(tag="evil", task="evil.task"), "unknown task 'evil.task'"),
+    ("Celery built-in task", _envelope(tag="chord", task="celery.chord_unlock"), "unknown task 'celery.chord_unlock'"),
+    ("ETA not a date", _envelope(tag="eta", eta="garbage"), "invalid task message: invalid ETA value 'garbage'"),
+    ("args not one job id", _envelope(b"[[], {}, {}]", tag="noargs"), "guild.train takes one job id"),
+    ("envelope not JSON", "this is not json", "not a kombu message envelope: JSONDecodeError"),
+    ("body not base64", _envelope(raw_body="!!!not base64!!!", tag="b64"), "not a kombu message envelope: Error"),
+]
+
+
 @pytest.mark.integration
-def test_pickled_message_is_refused_and_never_executed(guild_env, start_worker, store, tmp_path):
+@pytest.mark.slow
+def test_poison_messages_are_dead_lettered_and_the_worker_goes_on(guild_env, start_worker, run_cli, store, tmp_path):
+    """Every message a worker cannot run is moved aside once, logged once and acked; the same worker process then
+    trains a good job. Before tasks/poison.py each of these (but the pickle and the unknown task) killed the worker
+    with "Unrecoverable error", and the restored message killed the next worker too."""
     from celery import Celery
 
+    from celeryconfig import broker_transport_options
+
     marker = tmp_path / "pickle-was-executed"
-    worker = start_worker("gpu0@pickle")
+    for _, envelope, _ in POISON:
+        store.redis.lpush(keys.celery_key("high"), envelope)
     attacker = Celery("attacker", broker=guild_env["REDIS_URL"], set_as_current=False)
+    attacker.conf.broker_transport_options = broker_transport_options
     try:
         attacker.send_task("guild.train", args=[_CreatesFileWhenUnpickled(str(marker))], task_id="evil-pickle",
-                           queue="normal", routing_key="normal", serializer="pickle")
-        # Then a well-formed JSON message for a job that does not exist: the worker must still be consuming.
-        attacker.send_task("guild.train", args=["no-such-job"], task_id="after-pickle", queue="normal",
-                           routing_key="normal")
+                           queue="high", routing_key="high", serializer="pickle")
+        # What Flower's send-task API does with {"args": ["x"], "time_limit": "xx"}.
+        attacker.send_task("guild.train", args=["x"], task_id="flower-xx", queue="high", routing_key="high",
+                           time_limit="xx")
     finally:
         attacker.close()
+    expected = [says for _, _, says in POISON] + ["refusing content type application/x-python-serialize (pickle)",
+                                                  "header 'timelimit' is ['xx', None]"]
+    worker = start_worker("gpu0@poison")
+    pid = worker.proc.pid
+    [job_id] = enqueue_ids(run_cli, str(write_dataset(tmp_path / "good.jsonl", "after-poison")), "--priority", "high",
+                           "--set", "max_steps=2", "--set", "eval_fraction=0")
+    [job] = wait_final(store, [job_id], timeout_s=120)
 
-    wait_until(lambda: "dropping message for no-such-job" in worker.log(), 30, what="the worker to go on")
+    assert job.status.value == "completed", (job.last_error, worker.log()[-3000:])
+    assert worker.proc.poll() is None and worker.proc.pid == pid, worker.log()[-3000:]
+    letters = store.dead_letters()[::-1]  # oldest first: the order the worker took them
+    assert len(letters) == len(expected), [d["error"] for d in letters]
+    assert all(says in d["error"] for says, d in zip(expected, letters)), [d["error"] for d in letters]
+    assert base64.b64decode(letters[0]["body_base64"]) == b'"hello"' and letters[0]["queue"] == "high"
+    assert letters[0]["headers"]["id"] == "poison-hello" and letters[0]["at"]
     log = worker.log()
+    assert log.count("dead letter: ") == len(expected), log[-3000:]  # logged once each
+    assert "Unrecoverable" not in log and "CRITICAL" not in log, log[-3000:]
     assert not marker.exists(), "the pickled payload was executed"
-    refusal = [line for line in log.splitlines() if "pickle" in line.lower() and "refus" in line.lower()]
-    assert refusal, log[-3000:]
-    assert "evil-pickle" not in "".join(line for line in log.splitlines() if "succeeded" in line or "received" in line)
-    assert queued_task_ids(store.redis) == [] and not store.redis.hlen("unacked")
-    assert worker.proc.poll() is None
-    record_figure("security-pickle", runs=1, passes=1, lost=0, executed=False,
-                  refusal=refusal[0].split("] ", 1)[-1])
+    assert queued_task_ids(store.redis) == [] and not store.redis.hlen(keys.celery_key("unacked"))
+
+    # ---- visible: `jobs dead-letters` lists them, doctor warns -----------------------------------------------------
+    listed = run_cli("jobs", "dead-letters", "--limit", "3")
+    assert listed.returncode == 0 and listed.stdout.startswith(f"{len(expected)} dead letter(s)"), listed.stderr
+    assert "header 'timelimit' is ['xx', None]" in listed.stdout and "flower-xx" in listed.stdout
+    doctor = run_cli("doctor", "--json")
+    check = next(c for c in json.loads(doctor.stdout)["checks"] if c["name"] == "dead-letters")
+    assert check["warning"] and not check["ok"] and check["detail"].startswith(f"{len(expected)} message(s)")
+    record_figure("security-poison-messages", runs=len(expected), passes=len(expected), lost=0,
+                  worker_survived=True, dead_letters=len(expected), kinds=[what for what, _, _ in POISON]
+                  + ["pickle", "time_limit xx via send_task"])
 
 
 def _python_files() -> list[Path]:
