@@ -48,6 +48,7 @@ class Settings:
     cuda_visible_devices: str | None = None
     visibility_timeout_s: int | None = None
     flower_address: str | None = None
+    flower_control: bool = False  # GUILD_FLOWER_CONTROL=1: Flower may send/revoke tasks and control workers
     heartbeat_stale_s: float = 60.0
     sweep_interval_s: float = 15.0
     max_dataset_bytes: int | None = None  # None: engine.formats' default (see dataset_limits)
@@ -86,6 +87,7 @@ class Settings:
             enable_packing=_flag(env.get("ENABLE_PACKING"), "ENABLE_PACKING"),
             flower_basic_auth=env.get("FLOWER_BASIC_AUTH") or None,
             flower_address=env.get("FLOWER_ADDRESS") or None,
+            flower_control=bool(_flag(env.get("GUILD_FLOWER_CONTROL"), "GUILD_FLOWER_CONTROL")),
             verbose=bool(_flag(env.get("GUILD_VERBOSE"), "GUILD_VERBOSE")),
             cuda_visible_devices=env.get("CUDA_VISIBLE_DEVICES"),
             visibility_timeout_s=vt_int,
