@@ -3,8 +3,6 @@
 Long training jobs on GPU-pinned workers: late acks, one message reserved at a time, strict queue order.
 """
 
-from urllib.parse import urlparse
-
 from kombu import Exchange, Queue
 
 from config.settings import get_settings
@@ -34,10 +32,8 @@ task_default_queue = "normal"
 task_create_missing_queues = True
 
 # A message no worker can run goes to the dead-letter list instead of stopping the worker (tasks/poison.py): the
-# consumer checks every message, the transport every envelope.
+# consumer checks every message, and its connection's transport every envelope.
 worker_consumer = "tasks.poison:GuildConsumer"
-if urlparse(broker_url).scheme in ("redis", "rediss"):
-    broker_transport = "tasks.poison:GuildRedisTransport"
 
 # JSON only: a pickled message is refused by the worker, never executed.
 task_serializer = "json"

@@ -37,27 +37,42 @@ def is_healthy(store, min_depth: int = 0) -> bool:
 def run_checks(settings, min_depth: int = 0, inspect_timeout_s: float = 2.0) -> list[Check]:
     import redis
 
+    from config.settings import redact_url
+
     checks: list[Check] = []
     client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=3, socket_timeout=5)
+    shown = redact_url(settings.redis_url)
     try:
         client.ping()
-        checks.append(Check("redis", True, f"reachable at {_redact(settings.redis_url)}"))
+        checks.append(Check("redis", True, f"reachable at {shown}"))
+    except redis.AuthenticationError:
+        checks.append(Check("redis", False, f"{shown} refused the password (wrong password or user)",
+                            "fix the password in REDIS_URL (or $GUILD_HOME/redis/url for the embedded Redis)"))
+        return checks + _local_checks(settings)
     except redis.RedisError as exc:
-        checks.append(Check("redis", False, f"cannot reach {_redact(settings.redis_url)}: {exc}",
+        checks.append(Check("redis", False, f"cannot reach {shown}: {exc}",
                             "start it with `make up`, or set REDIS_URL to a running Redis"))
         return checks + _local_checks(settings)
-    aof = client.config_get("appendonly").get("appendonly")
-    checks.append(Check("redis-aof", aof == "yes", f"appendonly={aof}",
-                        "turn AOF on (`CONFIG SET appendonly yes` and in redis.conf): without it a Redis crash loses "
-                        "queued jobs"))
-    policy = client.config_get("maxmemory-policy").get("maxmemory-policy")
-    checks.append(Check("redis-eviction", policy == "noeviction", f"maxmemory-policy={policy}",
-                        "set maxmemory-policy noeviction: any other policy may silently drop queued jobs"))
+    checks.extend(_redis_durability_checks(client))
     checks.extend(_worker_checks(inspect_timeout_s))
     checks.extend(_local_checks(settings))
     checks.extend(_job_checks(settings, client, min_depth))
     checks.append(_dead_letter_check(settings, client))
     return checks
+
+
+def _redis_durability_checks(client) -> list[Check]:
+    """AOF and eviction, from INFO (allowed to Guild's ACL user, unlike CONFIG GET)."""
+    persistence, memory = client.info("persistence"), client.info("memory")
+    aof = persistence.get("aof_enabled") in (1, "1")
+    policy = memory.get("maxmemory_policy", "?")
+    return [
+        Check("redis-aof", aof, f"aof_enabled={persistence.get('aof_enabled')}",
+              "turn AOF on (appendonly yes in redis.conf, or as the Redis administrator `CONFIG SET appendonly yes`): "
+              "without it a Redis crash loses queued jobs"),
+        Check("redis-eviction", policy == "noeviction", f"maxmemory_policy={policy}",
+              "set maxmemory-policy noeviction (redis.conf): any other policy may silently drop queued jobs"),
+    ]
 
 
 def _worker_checks(timeout_s: float) -> list[Check]:
@@ -137,13 +152,6 @@ def _dead_letter_check(settings, client) -> Check:
     count = JobStore(client, settings.guild_home).dead_letter_count()
     return Check("dead-letters", count == 0, f"{count} message(s) no worker could run" if count else "none",
                  "look at them with `python -m jobs dead-letters` (who sent them?), then `--clear`", warning=True)
-
-
-def _redact(url: str) -> str:
-    if "@" in url and "://" in url:
-        scheme, rest = url.split("://", 1)
-        return f"{scheme}://***@{rest.split('@', 1)[1]}"
-    return url
 
 
 def main(argv: list[str] | None = None) -> int:

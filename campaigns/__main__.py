@@ -60,6 +60,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except GuildError as exc:
         return report_error(exc)
+    except Exception as exc:  # noqa: BLE001 - Redis down or refusing the password: one line, never a traceback
+        from jobs.errors_text import describe_unexpected
+
+        print(f"error: {describe_unexpected(exc)}", file=sys.stderr)
+        return 1
 
 
 def _write_plot(settings, store, campaign):

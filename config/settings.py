@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 from config.errors import SettingsError
 
@@ -129,6 +130,27 @@ def _count(env, name: str) -> int | None:
     if value <= 0:
         raise SettingsError(f"{name} must be positive")
     return value
+
+
+def redact_url(url: str) -> str:
+    """``url`` with its password replaced by ``***`` (the user name kept), from the parsed URL.
+
+    When the URL does not parse cleanly (an unencoded ``/``, ``?`` or ``#`` in the password puts part of it in the
+    path), everything after the scheme is hidden rather than risk showing a piece of the password.
+    """
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        return url.split("://", 1)[0] + "://***" if "://" in url else "***"
+    if parts.password is None and "@" not in url:
+        return url
+    rest = parts.path + (f"?{parts.query}" if parts.query else "") + (f"#{parts.fragment}" if parts.fragment else "")
+    if "@" in rest or ":" in rest or not parts.hostname:
+        return f"{parts.scheme}://***"
+    user = parts.username or ""
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    return urlunsplit((parts.scheme, f"{user}:***@{host}" + (f":{port}" if port else ""), parts.path, "", ""))
 
 
 def embedded_redis_url(home: Path) -> str:

@@ -9,7 +9,7 @@ message). Guild checks every message at the two places where it enters the worke
 * :class:`GuildConsumer` (``worker_consumer``): before Celery's own handler, :func:`problem_with` checks headers,
   content type, body shape and time limits against what a Guild task message is; Celery's own refusals
   (decode errors, unknown or invalid tasks) are routed here too, and so is anything unexpected the handler raises;
-* :class:`GuildRedisTransport` (``broker_transport``): an envelope kombu cannot even turn into a message.
+* :class:`GuildRedisTransport` (the consumer's connection): an envelope kombu cannot turn into a message.
 
 Such a message is written to the dead-letter list (``JobStore.dead_letter``: raw body, headers, error, queue,
 time), logged once, and acknowledged; the worker goes on with the next one. ``python -m jobs dead-letters`` lists
@@ -23,6 +23,7 @@ import json
 import logging
 import math
 from typing import Any
+from urllib.parse import urlparse
 
 from celery.worker.consumer import Consumer
 from kombu.transport import redis as kombu_redis
@@ -35,9 +36,11 @@ logger = logging.getLogger(__name__)
 # What Guild's workers run. Celery's built-in canvas tasks (celery.chord, celery.group...) are never sent by Guild:
 # a message naming one is not Guild's.
 GUILD_TASKS = frozenset({TASK_NAME})
+TRANSPORT = "tasks.poison:GuildRedisTransport"
 JSON = "application/json"
-_KNOWN_TYPES = {"application/x-python-serialize": "pickle", "application/x-yaml": "YAML",
-                "application/x-msgpack": "msgpack", "application/octet-stream": "binary"}
+_KNOWN_TYPES = {
+    "application/x-python-serialize": "pickle",  # never unpickled: named only to say what was refused
+    "application/x-yaml": "YAML", "application/x-msgpack": "msgpack", "application/octet-stream": "binary"}
 
 
 # ------------------------------------------------------------------------------------------------ the checks
@@ -181,6 +184,14 @@ class GuildConsumer(Consumer):
     """Celery's consumer, with every message checked first and every refusal sent to the dead-letter list."""
 
     dead_letters = DeadLetters()
+
+    def connection_for_read(self, heartbeat=None):
+        """The consuming connection, on :class:`GuildRedisTransport` (only here: producers, Flower and the CLIs
+        never take messages from a queue list, and Flower reads the broker's URL scheme)."""
+        url = self.app.conf.broker_read_url or self.app.conf.broker_url
+        if urlparse(url).scheme not in ("redis", "rediss"):
+            return super().connection_for_read(heartbeat=heartbeat)
+        return self.ensure_connected(self.app.connection_for_read(heartbeat=heartbeat, transport=TRANSPORT))
 
     def create_task_handler(self, *args, **kwargs):
         celery_handler = super().create_task_handler(*args, **kwargs)

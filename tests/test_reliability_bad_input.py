@@ -139,7 +139,7 @@ def bad_batch(redis_server, tiny_hero_dir, tmp_path_factory):
     files.mkdir()
     good = str(write_dataset(files / "good.jsonl", "good"))
     paths = {case.name: _make(files, case) for case in CASES}
-    client = redis.Redis.from_url(redis_server.url)
+    client = redis.Redis.from_url(redis_server.admin_url)
     client.flushall()
     env = {**os.environ, "REDIS_URL": redis_server.url, "GUILD_HOME": str(home), "PYTHONUNBUFFERED": "1"}
     started = time.monotonic()

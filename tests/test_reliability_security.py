@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import ast
 import base64
+import contextlib
 import json
+import os
 import re
+import signal
+import socket
 import subprocess
 import sys
 import time
@@ -127,7 +131,9 @@ def test_poison_messages_are_dead_lettered_and_the_worker_goes_on(guild_env, sta
     assert log.count("dead letter: ") == len(expected), log[-3000:]  # logged once each
     assert "Unrecoverable" not in log and "CRITICAL" not in log, log[-3000:]
     assert not marker.exists(), "the pickled payload was executed"
-    assert queued_task_ids(store.redis) == [] and not store.redis.hlen(keys.celery_key("unacked"))
+    assert queued_task_ids(store.redis) == []
+    # The good job's message is acked once its task returns, just after the job's record says completed.
+    wait_until(lambda: not store.redis.hlen(keys.celery_key("unacked")), 30, what="every message acked")
 
     # ---- visible: `jobs dead-letters` lists them, doctor warns -----------------------------------------------------
     listed = run_cli("jobs", "dead-letters", "--limit", "3")
@@ -213,7 +219,8 @@ def test_flower_refuses_to_start_unauthenticated_off_loopback(guild_env, tmp_pat
     took_s = time.monotonic() - started
     log = log_path.read_text(errors="replace")
     assert proc.returncode not in (0, None), log[-2000:]
-    assert "refusing to start Flower on 0.0.0.0 without authentication" in log and "FLOWER_BASIC_AUTH" in log
+    assert "refusing to start Flower on 0.0.0.0:" in log and "without authentication" in log
+    assert "FLOWER_BASIC_AUTH" in log
     assert no_traceback(log)
     assert _get_status(f"http://127.0.0.1:{port}/") == 0  # nothing ever listened
     record_figure("security-flower-open", runs=1, passes=1, lost=0, exit_code=proc.returncode,
@@ -238,6 +245,86 @@ def test_flower_with_auth_on_loopback_wants_credentials(guild_env, tmp_path):
         stop_pid(proc)
     assert all(s == (401, 200, 401) for s in statuses.values()), statuses
     record_figure("security-flower-auth", runs=1, passes=1, lost=0, statuses=statuses)
+
+
+# -------------------------------------------------------------------------------------------------- redis
+
+
+def _embedded(action: str, home: Path, port: int) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
+    env.update({"GUILD_HOME": str(home), "GUILD_REDIS_PORT": str(port)})
+    return subprocess.run(["scripts/embedded_redis.sh", action], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=60)
+
+
+@pytest.mark.integration
+def test_embedded_redis_refuses_a_taken_port_and_writes_no_url(tmp_path):
+    """`make up` used to exit 0 and write the URL file when the port was taken (its Redis never started)."""
+    home = tmp_path / "home"
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        out = _embedded("up", home, port)
+    assert out.returncode != 0, (out.stdout, out.stderr)
+    assert f"error: port {port} on 127.0.0.1 is taken" in out.stderr and "GUILD_REDIS_PORT=" in out.stderr
+    assert not (home / "redis" / "url").exists() and not (home / "redis" / "redis.pid").exists()
+
+
+@pytest.mark.integration
+def test_embedded_redis_has_a_password_and_a_guild_user_that_cannot_write_files(tmp_path):
+    """Before: no password, CONFIG allowed: any local user could CONFIG SET dir + SAVE an RDB file anywhere."""
+    home, port = tmp_path / "home", free_port()
+    redis_dir = home / "redis"
+    try:
+        out = _embedded("up", home, port)
+        assert out.returncode == 0, (out.stdout, out.stderr)
+        url = (redis_dir / "url").read_text().strip()
+        guild_password = (redis_dir / "password").read_text().strip()
+        admin_password = (redis_dir / "admin-password").read_text().strip()
+        assert url == f"redis://guild:{guild_password}@127.0.0.1:{port}/0" and len(guild_password) >= 32
+        assert oct(redis_dir.stat().st_mode & 0o777) == "0o700"
+        for name in ("url", "password", "admin-password", "redis.conf"):
+            assert oct((redis_dir / name).stat().st_mode & 0o777) == "0o600", name
+        assert guild_password not in (redis_dir / "redis.conf").read_text()  # only its SHA-256
+        pid = int((redis_dir / "redis.pid").read_text())
+        assert guild_password not in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+
+        guild = redis.Redis.from_url(url)
+        assert guild.ping() and guild.set("guild:probe", "1")
+        outside = tmp_path / "outside"
+        outside.mkdir()
+        refused = {}
+        for command in (["CONFIG", "SET", "dir", str(outside)], ["CONFIG", "GET", "*"], ["SAVE"], ["BGSAVE"],
+                        ["DEBUG", "SLEEP", "0"], ["MODULE", "LIST"], ["FLUSHALL"], ["KEYS", "*"], ["SHUTDOWN"],
+                        ["ACL", "LIST"], ["REPLICAOF", "127.0.0.1", "1"], ["SET", "not-guilds", "1"]):
+            try:
+                guild.execute_command(*command)
+                refused[command[0]] = False
+            except redis.exceptions.NoPermissionError:
+                refused[command[0]] = True
+        assert all(refused.values()), refused
+        assert list(outside.iterdir()) == []
+        # What doctor reads instead of CONFIG GET:
+        assert guild.info("persistence")["aof_enabled"] == 1 and guild.info("memory")["maxmemory_policy"] == \
+            "noeviction"
+        with pytest.raises(redis.exceptions.AuthenticationError):
+            redis.Redis(port=port).ping()  # no password: nothing
+        with pytest.raises(redis.exceptions.AuthenticationError):
+            redis.Redis.from_url(url.replace(guild_password, "guessed-password")).ping()
+        admin = redis.Redis(port=port, password=admin_password)  # the administrator is protected, not locked out
+        assert admin.config_get("appendonly") == {"appendonly": "yes"}
+
+        again = _embedded("up", home, port)  # idempotent: the same passwords, the same URL
+        assert again.returncode == 0 and (redis_dir / "url").read_text().strip() == url
+    finally:
+        _embedded("down", home, port)
+        pidfile = redis_dir / "redis.pid"
+        if pidfile.exists():  # `down` failed: stop it by its pid
+            with contextlib.suppress(ProcessLookupError, ValueError):
+                os.kill(int(pidfile.read_text()), signal.SIGKILL)
+    record_figure("security-embedded-redis", runs=1, passes=1, lost=0, refused_for_guild_user=sorted(refused),
+                  unauthenticated="refused", files_mode="0600")
 
 
 # -------------------------------------------------------------------------------------------------- redis
