@@ -21,8 +21,10 @@ from pathlib import Path
 GUILD_USER = "guild"
 # Guild's keys (jobs.keys.PREFIX) and every Celery/kombu key (jobs.keys.CELERY_PREFIX, global_keyprefix).
 KEY_PATTERNS = ("guild:*", "guild-celery:*")
-# Pub/sub: worker control (pidbox), task events and result notifications, all under the Celery prefix.
-CHANNEL_PATTERNS = ("guild-celery:*",)
+# Pub/sub: worker control (pidbox), task events and result notifications. All channels: kombu subscribes to
+# patterns (PSUBSCRIBE), which Redis checks literally against the user's channel patterns, and a refused
+# subscription stops a worker ("Unrecoverable error"); channels hold no data and write nothing.
+CHANNEL_PATTERNS = ("*",)
 COMMANDS = (
     # connection: redis-py's handshake (it ignores a refused CLIENT SETINFO) and health checks
     "auth", "hello", "ping", "select", "echo", "client|setinfo", "client|setname",

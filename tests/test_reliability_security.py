@@ -382,13 +382,43 @@ def test_redis_password_is_honoured_by_every_component(password_redis, run_cli, 
 
 
 @pytest.mark.integration
-def test_wrong_redis_password_is_reported_as_such(password_redis, run_cli, tmp_path):
+def test_wrong_redis_password_is_reported_as_such(password_redis, run_cli, guild_env, tmp_path):
     """redis.AuthenticationError subclasses ConnectionError: it used to read "cannot reach Redis ... start it with
     `make up`" (RELIABILITY.md, finding 5)."""
     wrong = {"REDIS_URL": password_redis.url.replace("s3cret-redis-pw", "not-the-password")}
-    out = run_cli("jobs", "list", extra_env=wrong)
-    assert out.returncode != 0
-    assert "refused the password" in out.stderr and "make up" not in out.stderr, out.stderr
+    # A campaign with a job, so that `campaigns show --plot` reads the job records from Redis.
+    enqueue_ids(run_cli, str(write_dataset(tmp_path / "pw.jsonl", "pw")), "--campaign", "pw-campaign",
+                extra_env={"REDIS_URL": password_redis.url})
+    # Before: `campaigns show --plot` printed a traceback; `jobs pause/resume` said "start Redis with `make up`".
+    calls = [["jobs", "list"], ["jobs", "pause"], ["jobs", "resume"], ["campaigns", "show", "pw-campaign", "--plot"]]
+    for out in run_clis_at_once({**guild_env, **wrong}, calls):
+        assert out.returncode != 0 and no_traceback(out.stderr), (out.args, out.stderr[-1500:])
+        assert "refused the password" in out.stderr and "make up" not in out.stderr, (out.args, out.stderr)
+        assert "not-the-password" not in out.stderr + out.stdout
+    doctor = json.loads(run_cli("doctor", "--json", extra_env=wrong).stdout)
+    redis_check = next(c for c in doctor["checks"] if c["name"] == "redis")
+    assert "refused the password" in redis_check["detail"] and "make up" not in redis_check["fix"], redis_check
+
+
+def test_doctor_never_shows_any_part_of_a_password(tmp_path):
+    """doctor used to split the URL at its first '@': a password holding one leaked its tail."""
+    from config.settings import redact_url
+
+    for url, shown in [("redis://:LeakTail99@LeakTail99@host:6379/0", "redis://:***@host:6379/0"),
+                       ("redis://guild:p%40ss@127.0.0.1:6390/0", "redis://guild:***@127.0.0.1:6390/0"),
+                       ("redis://:Leak/Tail99@host:6379/0", "redis://***"),
+                       ("redis://:Leak?Tail99@host/0", "redis://***"),
+                       ("redis://127.0.0.1:6390/0", "redis://127.0.0.1:6390/0")]:
+        assert redact_url(url) == shown, url
+    server = OwnRedis(tmp_path / "at-redis", password="LeakTail99@LeakTail99").start()
+    try:
+        env = {**os.environ, "REDIS_URL": server.url, "GUILD_HOME": str(tmp_path / "home")}
+        out = subprocess.run([sys.executable, "-m", "doctor", "--json"], cwd=REPO, env=env, capture_output=True,
+                             text=True, timeout=60)
+    finally:
+        server.stop()
+    detail = next(c for c in json.loads(out.stdout)["checks"] if c["name"] == "redis")["detail"]
+    assert detail == f"reachable at redis://:***@127.0.0.1:{server.port}/0" and "Leak" not in out.stdout + out.stderr
 
 
 # -------------------------------------------------------------------------------------------------- paths
@@ -440,3 +470,11 @@ def test_names_cannot_escape_guild_home(guild_env, guild_home, store, tmp_path):
     record_figure("security-paths", runs=len(refused_calls) + len(given), passes=len(refused_calls) + len(given),
                   lost=0, refused=list(refused_calls), hostile_dataset_names=len(given),
                   job_ids=[j["id"] for j in jobs])
+
+
+def test_deploy_md_gives_the_acl_line_guild_runs_as():
+    """DEPLOY.md asks a shared Redis for exactly the ACL user the tests (and the embedded Redis) run Guild as."""
+    from config.redis_acl import guild_acl_rule
+
+    line = "user " + guild_acl_rule(password_sha256="<sha256-of-the-password>")
+    assert line in (REPO / "DEPLOY.md").read_text()
