@@ -2,7 +2,8 @@
 
 Every component (enqueue, workers, Flower, doctor, the CLIs) connects as ``guild``. The command list below is what
 Celery/kombu (broker and result backend), Flower, redis-py and Guild's own code were seen to run over the whole
-test suite (``GUILD_REDIS_COMMANDSTATS``, see tests/services.py), which also runs under this user; everything else
+test suite (``GUILD_REDIS_COMMANDSTATS``, see tests/services.py), which runs Guild as this user, plus a few data
+commands of the same kinds for rarer paths (``ZREVRANGEBYSCORE``, ``LPOP``, ``DISCARD``...); everything else
 is refused, above all what lets a Redis client write files or run code outside Redis: ``CONFIG`` (``CONFIG SET
 dir`` + ``SAVE`` writes a file anywhere the Redis user can), ``DEBUG``, ``MODULE``, ``SAVE``/``BGSAVE``,
 ``SHUTDOWN``, ``REPLICAOF``, ``MIGRATE``/``RESTORE``, ``FLUSHALL``/``FLUSHDB``, ``KEYS``, ``ACL``, ``MONITOR``.

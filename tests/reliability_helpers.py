@@ -118,7 +118,11 @@ class Submitter:
     def __init__(self, broker_url: str):
         from celery import Celery
 
+        from celeryconfig import broker_transport_options
+
         self.app = Celery("guild-reliability-tests", broker=broker_url, set_as_current=False)
+        # The same key prefix as the project's app (guild-celery:), or the messages land where no worker looks.
+        self.app.conf.broker_transport_options = broker_transport_options
 
     def __call__(self, *paths, campaign: str | None = None, sets: list[str] = (), force: bool = False,
                  priority: str = "normal") -> list[str]:

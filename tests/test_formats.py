@@ -573,3 +573,16 @@ def test_validation_hashes_what_it_streams(tmp_path: Path) -> None:
     summary = validate_file(path, limits=DatasetLimits(max_line_bytes=64))
     assert summary.sha256 == hashlib.sha256(data).hexdigest() and summary.num_examples == 3000
     assert summary.estimated_tokens == estimate_tokens(read_examples(path))
+
+
+def test_limits_come_from_the_settings() -> None:
+    from config.errors import SettingsError
+    from config.settings import Settings
+
+    env = {"GUILD_HOME": "/tmp/x", "GUILD_MAX_DATASET_BYTES": "4GiB", "GUILD_MAX_LINE_BYTES": "512KiB",
+           "GUILD_MAX_EXAMPLES": "2_000_000"}
+    assert Settings.from_env(env).dataset_limits == DatasetLimits(4 * 2**30, 512 * 2**10, 2_000_000)
+    assert Settings.from_env({"GUILD_HOME": "/tmp/x"}).dataset_limits == DEFAULT_LIMITS
+    for bad in ("lots", "0", "-5", "1.5GiB"):
+        with pytest.raises(SettingsError, match="GUILD_MAX_EXAMPLES"):
+            Settings.from_env({"GUILD_HOME": "/tmp/x", "GUILD_MAX_EXAMPLES": bad})
