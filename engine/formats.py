@@ -15,7 +15,6 @@ imports it, and must start fast, so torch, transformers and numpy stay out of it
 
 from __future__ import annotations
 
-import difflib
 import errno
 import io
 import json
@@ -28,13 +27,15 @@ from dataclasses import dataclass
 from typing import BinaryIO
 
 from config.errors import GuildError
+from engine.example_checks import FORMAT_NAMES as _FORMAT_NAMES
+from engine.example_checks import FORMATS, ROLES, example_fields, kind, line_format
+
+__all__ = ["FORMATS", "ROLES"]  # re-exported: the formats and roles are part of this module's interface
 from engine.jsonl_reader import UTF8_BOM as _UTF8_BOM
 from engine.jsonl_reader import Line, LineSource
 
 logger = logging.getLogger(__name__)
 
-FORMATS = ("messages", "prompt_response", "text")
-ROLES = ("system", "user", "assistant")
 
 DEFAULT_MAX_PROBLEMS = 20
 
@@ -50,21 +51,6 @@ DEFAULT_MAX_EXAMPLES = 1_000_000
 BYTES_PER_TOKEN = 3.6
 TEMPLATE_TOKENS_PER_SEGMENT = 8
 
-_FORMAT_NAMES = {"messages": "messages", "prompt_response": "prompt/response", "text": "text"}
-_FORMAT_OF_KEY = {"messages": "messages", "prompt": "prompt_response", "response": "prompt_response", "text": "text"}
-_MESSAGE_KEYS = ("role", "content")
-_ONE_OF = "a line holds exactly one of: messages / prompt+response / text"
-
-# Keys of other well-known dataset layouts, and how to convert them.
-_FOREIGN_KEY_HINTS = {
-    "conversations": "convert ShareGPT 'conversations' (from/value) to 'messages' (role/content)",
-    "instruction": "convert Alpaca instruction/input/output to 'prompt' and 'response'",
-    "input": "convert Alpaca instruction/input/output to 'prompt' and 'response'",
-    "output": "convert Alpaca instruction/input/output to 'prompt' and 'response'",
-    "completion": "rename 'completion' to 'response'",
-}
-_ROLE_HINTS = {"human": "user", "gpt": "assistant", "bot": "assistant", "model": "assistant", "ai": "assistant"}
-
 # Leading bytes of files people hand over by mistake: (magic, what it is, how to fix it).
 _MAGIC = (
     (b"\x1f\x8b", "a gzip-compressed file", "decompress it first (gunzip)"),
@@ -76,16 +62,13 @@ _MAGIC = (
 
 # With errors="surrogateescape" every byte that is not valid UTF-8 decodes to one of these characters.
 _ESCAPED_BYTE = re.compile("[\\udc80-\\udcff]")
-# A JSON "\\ud83d" escape without its pair decodes to a lone surrogate, which no tokenizer can encode.
-_SURROGATE = re.compile("[\\ud800-\\udfff]")
 
 _DECODER = json.JSONDecoder()
 _PRETTY_WINDOW_CHARS = 2048  # first guess at the size of a pretty-printed object; doubled as needed
 _PRETTY_MAX_BYTES = 16 * 2**20  # how far to look ahead for the end of a pretty-printed object
 _HEAD_BYTES = 4096  # the first bytes, for the whole-file checks (compressed, UTF-16/32)
-_JSON_ARRAY_PROBE_BYTES = 64 * 2**20  # a file starting with "[" up to this size is parsed whole to name it an array
+_JSON_ARRAY_PROBE_BYTES = 8 * 2**20  # a file starting with "[" up to this size is parsed whole to name it an array
 _CSV_SNIFF_CHARS = 4096  # how much of a line is kept to tell CSV from broken JSON
-_MISSING = object()
 
 
 @dataclass(frozen=True)
@@ -587,9 +570,9 @@ class _Scanner:
         """Validate the JSON value of a line; record its problems; return its Example, or None if invalid."""
         if not isinstance(value, dict):
             hint = "; write one example per line, not a list of them" if isinstance(value, list) else ""
-            self.add(line, f'expected a JSON object like {{"messages": [...]}}, got {_kind(value)}{hint}')
+            self.add(line, f'expected a JSON object like {{"messages": [...]}}, got {kind(value)}{hint}')
             return None
-        fmt, key_problems = _line_format(value)
+        fmt, key_problems = line_format(value)
         for message in key_problems:
             self.add(line, message)
         if fmt is None:
@@ -608,10 +591,12 @@ class _Scanner:
                 )
                 self.mixed_reported = True
         # A line of the other format is still checked: its own problems are worth knowing too.
-        example, field_problems = _build_example(fmt, value, line)
+        fields, field_problems = example_fields(fmt, value)
         for message in field_problems:
             self.add(line, message)
-        return None if key_problems or other_format else example
+        if fields is None or key_problems or other_format:
+            return None
+        return Example(fmt, line, **fields)
 
 
 def _looks_like_utf16(data: bytes) -> bool:
@@ -728,152 +713,6 @@ def _invalid_json_message(exc: json.JSONDecodeError, raw: str, truncated: bool) 
     elif stripped in ("{", "["):
         message += "; the line holds only '" + stripped + "': write one JSON object per line (JSON Lines)"
     return message
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Validating one line's object
-
-
-def _line_format(obj: dict) -> tuple[str | None, list[str]]:
-    """Return the format a line's keys say (None if they say none or several) and the problems of its keys."""
-    problems = []
-    unknown = [key for key in obj if key not in _FORMAT_OF_KEY]
-    if unknown:
-        hint = _key_hint(unknown[0], _FORMAT_OF_KEY, _FOREIGN_KEY_HINTS)
-        problems.append(
-            f"unknown {_keys_phrase(unknown)}{hint}; {_ONE_OF}, and no other key (keep ids and metadata elsewhere)"
-        )
-    formats = sorted({_FORMAT_OF_KEY[key] for key in obj if key in _FORMAT_OF_KEY}, key=FORMATS.index)
-    if len(formats) == 1:
-        return formats[0], problems
-    if len(formats) > 1:
-        found = " and ".join(_FORMAT_NAMES[fmt] for fmt in formats)
-        problems.append(f"mixes formats ({found} keys); {_ONE_OF}")
-    elif not obj:
-        problems.append(f"empty object; {_ONE_OF}")
-    return None, problems
-
-
-def _keys_phrase(keys: list[str]) -> str:
-    """Return "key 'a'" or "keys 'a', 'b'"."""
-    quoted = ", ".join(repr(key) for key in keys)
-    return f"key {quoted}" if len(keys) == 1 else f"keys {quoted}"
-
-
-def _key_hint(key: str, choices: Iterable[str], hints: dict[str, str] | None = None) -> str:
-    """Return a hint for an unknown key: how to convert it (from ``hints``), " (did you mean ...?)" or ""."""
-    if hints and key in hints:
-        return f" ({hints[key]})"
-    close = difflib.get_close_matches(key.lower(), list(choices), n=1, cutoff=0.6)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
-def _build_example(fmt: str, obj: dict, line: int) -> tuple[Example | None, list[str]]:
-    """Validate the fields of a line of format ``fmt``; return its Example (None if invalid) and the problems."""
-    if fmt == "messages":
-        messages, problems = _check_messages(obj["messages"])
-        return (Example(fmt, line, messages=messages) if not problems else None), problems
-    if fmt == "prompt_response":
-        problems = [
-            problem
-            for problem in (
-                _check_string(obj, "prompt", "a prompt/response line needs both 'prompt' and 'response'"),
-                _check_string(obj, "response", "a prompt/response line needs both 'prompt' and 'response'"),
-            )
-            if problem
-        ]
-        return (Example(fmt, line, prompt=obj["prompt"], response=obj["response"]) if not problems else None), problems
-    problem = _check_string(obj, "text", "")
-    return (Example(fmt, line, text=obj["text"]) if not problem else None), ([problem] if problem else [])
-
-
-def _check_messages(value: object) -> tuple[tuple[tuple[str, str], ...], list[str]]:
-    """Validate a 'messages' value; return its (role, content) pairs and the problems."""
-    if not isinstance(value, list):
-        return (), [f"""'messages' must be a list of {{"role": ..., "content": ...}} objects, got {_kind(value)}"""]
-    if not value:
-        return (), ["'messages' is an empty list; it needs at least one assistant message"]
-    pairs: list[tuple[str, str]] = []
-    problems: list[str] = []
-    for index, message in enumerate(value):
-        where = f"messages[{index}]"
-        if not isinstance(message, dict):
-            problems.append(
-                f"""{where} must be an object like {{"role": "user", "content": "..."}}, got {_kind(message)}"""
-            )
-            continue
-        unknown = [key for key in message if key not in _MESSAGE_KEYS]
-        if unknown:
-            problems.append(
-                f"{where} has unknown {_keys_phrase(unknown)}{_key_hint(unknown[0], _MESSAGE_KEYS)}; "
-                "a message holds exactly 'role' and 'content'"
-            )
-        role_problem = _check_role(message.get("role", _MISSING), where)
-        content_problem = _check_string(message, "content", "", where=where, allow_blank=True)
-        problems.extend(problem for problem in (role_problem, content_problem) if problem)
-        if not (unknown or role_problem or content_problem):
-            pairs.append((message["role"], message["content"]))
-    if problems:
-        return (), problems
-    assistant = [content for role, content in pairs if role == "assistant"]
-    if not assistant:
-        return (), ["no assistant message; each example needs at least one message with role 'assistant'"]
-    if not any(content.strip() for content in assistant):
-        return (), ["every assistant message is empty; at least one needs non-empty content"]
-    return tuple(pairs), []
-
-
-def _check_role(role: object, where: str) -> str | None:
-    """Return the problem with a message's role, or None."""
-    if role is _MISSING:
-        return f"{where} has no 'role'; use one of: {', '.join(ROLES)}"
-    if not isinstance(role, str):
-        return f"{where}.role must be a string, got {_kind(role)}"
-    if role in ROLES:
-        return None
-    if role.lower() in ROLES:
-        hint = f" (roles are lowercase: {role.lower()!r})"
-    elif role.lower() in _ROLE_HINTS:
-        hint = f" (did you mean {_ROLE_HINTS[role.lower()]!r}?)"
-    else:
-        hint = ""
-    return f"{where}.role is {role!r}{hint}; use one of: {', '.join(ROLES)}"
-
-
-def _check_string(obj: dict, key: str, missing_hint: str, where: str = "", allow_blank: bool = False) -> str | None:
-    """Return the problem with ``obj[key]``, which must be a (by default not blank) string, or None."""
-    name = f"{where}.{key}" if where else f"'{key}'"
-    value = obj.get(key, _MISSING)
-    if value is _MISSING:
-        return f"{name} is missing" + (f"; {missing_hint}" if missing_hint else "")
-    if not isinstance(value, str):
-        return f"{name} must be a string, got {_kind(value)}"
-    if not allow_blank and not value.strip():
-        return f"{name} is empty"
-    surrogate = _SURROGATE.search(value)
-    if surrogate:
-        return (
-            f"{name} holds an unpaired surrogate escape (\\u{ord(surrogate.group()):04x}); "
-            "encode the text as valid UTF-8 (e.g. json.dumps of a proper str)"
-        )
-    return None
-
-
-def _kind(value: object) -> str:
-    """Name a JSON value's type the way a user reads it."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, (int, float)):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list):
-        return "a list"
-    if isinstance(value, dict):
-        return "an object"
-    return type(value).__name__
 
 
 def _segments(example: Example) -> tuple[str, ...]:
