@@ -34,15 +34,21 @@ def run_checks(settings, min_depth: int = 0, inspect_timeout_s: float = 2.0, min
                ) -> list[Check]:
     import redis
 
+    from config.settings import redact_url
     from jobs.store import JobStore
 
     checks: list[Check] = []
     store = JobStore.connect(settings.redis_url, settings.guild_home, worker=True)
+    shown = redact_url(settings.redis_url)
     try:
         store.ping()
-        checks.append(Check("redis", True, f"reachable at {_redact(settings.redis_url)}"))
+        checks.append(Check("redis", True, f"reachable at {shown}"))
+    except redis.AuthenticationError:
+        checks.append(Check("redis", False, f"{shown} refused the password (wrong password or user)",
+                            "fix the password in REDIS_URL (or $GUILD_HOME/redis/url for the embedded Redis)"))
+        return checks + _local_checks(settings)
     except redis.RedisError as exc:
-        checks.append(Check("redis", False, f"cannot reach {_redact(settings.redis_url)}: {exc}",
+        checks.append(Check("redis", False, f"cannot reach {shown}: {exc}",
                             "start it with `make up`, or set REDIS_URL to a running Redis"))
         return checks + _local_checks(settings) + [_disk_check(settings, min_free, None)]
     health = store.server_health()
@@ -170,7 +176,8 @@ def _job_checks(settings, store, min_depth: int) -> list[Check]:
                      "they expire with their lease (GUILD_HEARTBEAT_STALE_S)"))
     dead = store.dead_letter_count()
     out.append(Check("dead-letters", dead == 0, f"{dead} message(s) no worker could run, kept aside",
-                     "inspect them (python -m jobs dead-letters) and resend the jobs they were for", warning=True))
+                     "look at them with `python -m jobs dead-letters` (who sent them?), resend the jobs they were for, "
+                     "then `python -m jobs dead-letters --clear`", warning=True))
     depth = store.status_counts()
     queue_lengths = store.message_counts()
     healthy = is_healthy(store, min_depth)
@@ -178,13 +185,6 @@ def _job_checks(settings, store, min_depth: int) -> list[Check]:
                      f"messages high={queue_lengths['high']} normal={queue_lengths['normal']} "
                      f"low={queue_lengths['low']} (min depth {min_depth})", "enqueue work: python -m enqueue FILE"))
     return out
-
-
-def _redact(url: str) -> str:
-    if "@" in url and "://" in url:
-        scheme, rest = url.split("://", 1)
-        return f"{scheme}://***@{rest.split('@', 1)[1]}"
-    return url
 
 
 def main(argv: list[str] | None = None) -> int:

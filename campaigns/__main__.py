@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         return _show(settings, store, args)
     except GuildError as exc:
         return report_error(exc)
-    except Exception as exc:  # noqa: BLE001 - Redis down and the like: one line, no traceback
+    except Exception as exc:  # noqa: BLE001 - Redis down or refusing the password: one line, never a traceback
         from jobs.errors_text import describe_unexpected
 
         print(f"error: {describe_unexpected(exc)}", file=sys.stderr)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any, get_type_hints
@@ -149,12 +150,12 @@ def field_specs() -> dict[str, FieldSpec]:
 
 _CHOICES = {"hyperparams.lr_scheduler": LR_SCHEDULERS, "hyperparams.precision": PRECISIONS,
             "optimizer.name": ("adamw",), "finetune.mode": FINETUNE_MODES}
-_POSITIVE = {"hyperparams.batch_size", "hyperparams.gradient_accumulation_steps", "hyperparams.max_length",
-             "hyperparams.save_steps", "hyperparams.save_total_limit", "queue.max_attempts",
+_POSITIVE = {"hyperparams.epochs", "hyperparams.batch_size", "hyperparams.gradient_accumulation_steps",
+             "hyperparams.max_length", "hyperparams.save_steps", "hyperparams.save_total_limit", "queue.max_attempts",
              "finetune.lora_rank", "finetune.lora_alpha"}
 _NON_NEGATIVE = {"hyperparams.warmup_steps", "hyperparams.decay_steps", "hyperparams.max_steps",
                  "hyperparams.eval_steps", "hyperparams.eval_max_examples", "hyperparams.learning_rate",
-                 "hyperparams.epochs", "hyperparams.max_grad_norm", "optimizer.weight_decay", "hyperparams.seed",
+                 "hyperparams.max_grad_norm", "optimizer.weight_decay", "hyperparams.seed",
                  "hyperparams.global_batch_size"}
 # Fields written as a comma-separated string that a YAML/JSON layer may also give as a list of strings.
 _LIST_FIELDS = {"finetune.lora_target_modules"}
@@ -187,9 +188,10 @@ def coerce(spec: FieldSpec, value: Any, from_text: bool) -> Any:
                 raise ValueError(f"expected a whole number, got {value!r}") from None
         if t is float:
             try:
-                return float(text)
+                number = float(text)
             except ValueError:
                 raise ValueError(f"expected a number, got {value!r}") from None
+            return _finite(number, value)
         return text
     if t is bool:
         if isinstance(value, bool):
@@ -201,7 +203,10 @@ def coerce(spec: FieldSpec, value: Any, from_text: bool) -> Any:
         raise ValueError(f"expected a whole number, got {value!r}")
     if t is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            try:
+                return _finite(float(value), value)
+            except OverflowError:  # an int too big for a float
+                raise ValueError(f"expected a finite number, got {value!r}") from None
         raise ValueError(f"expected a number, got {value!r}")
     if t is str:
         if isinstance(value, str):
@@ -210,12 +215,21 @@ def coerce(spec: FieldSpec, value: Any, from_text: bool) -> Any:
     raise ValueError(f"unsupported type {t!r}")  # pragma: no cover - schema bug
 
 
+def _finite(number: float, given: Any) -> float:
+    """``number`` when it is finite; NaN and infinities (``nan``, ``inf``, ``1e999``) are never a setting."""
+    if not math.isfinite(number):
+        shown = repr(given) if len(repr(given)) <= 40 else repr(given)[:37] + "..."
+        raise ValueError(f"expected a finite number, got {shown}; NaN and infinity train nothing")
+    return number
+
+
 def check_range(dotted: str, value: Any) -> str | None:
     """A problem text when ``value`` is outside what ``dotted`` allows, else None."""
     if dotted in _CHOICES and value not in _CHOICES[dotted]:
         return f"must be one of {', '.join(_CHOICES[dotted])}, got {value!r}"
     if dotted in _POSITIVE and value <= 0:
-        return f"must be positive, got {value!r}"
+        hint = " (0 epochs train nothing; to bound a job, set max_steps)" if dotted == "hyperparams.epochs" else ""
+        return f"must be positive, got {value!r}{hint}"
     if dotted in _NON_NEGATIVE and value < 0:
         return f"must not be negative, got {value!r}"
     if dotted == "hyperparams.eval_fraction" and not 0 <= value < 1:

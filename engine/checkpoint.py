@@ -74,11 +74,16 @@ def save_checkpoint(
     """Write the checkpoint of ``step`` atomically and prune old ones; return its directory.
 
     If a complete checkpoint of ``step`` already exists it is kept and returned as is.
+
+    Raises:
+        CheckpointError: a weight of ``model`` is NaN or infinite. Nothing is written, so the last good
+            checkpoint stays the newest and a campaign never continues from broken weights.
     """
     checkpoint_dir = Path(checkpoint_dir)
     final = checkpoint_dir / checkpoint_name(step)
     if is_complete(final):
         return final
+    check_finite_weights(model, step)
     tmp = checkpoint_dir / f"{TMP_PREFIX}{step:05d}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -114,6 +119,25 @@ def save_checkpoint(
 
 
 # ---------------------------------------------------------------------------------------------------- loading
+
+
+def check_finite_weights(model, step: int) -> None:
+    """Raise CheckpointError naming the parameters of ``model`` that hold a NaN or an infinity.
+
+    One device-to-host transfer for the whole model (the flags are stacked on the device first).
+    """
+    named = [(name, p) for name, p in model.named_parameters()]
+    if not named:
+        return
+    with torch.no_grad():
+        flags = torch.stack([torch.isfinite(p).all().to(named[0][1].device) for _, p in named]).tolist()
+    bad = [name for (name, _), ok in zip(named, flags) if not ok]
+    if bad:
+        shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+        raise CheckpointError(
+            f"refusing to save {checkpoint_name(step)}: non-finite weights (NaN or inf) in {shown}; the last good "
+            "checkpoint stays the latest. Lower hyperparams.learning_rate (or max_grad_norm), or check the data"
+        )
 
 
 def _read_tensors_and_meta(path: Path, tensors_name: str, meta_name: str, what: str):

@@ -35,9 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
     resume.add_argument("--worker", help="one worker; default: all")
     retry = sub.add_parser("retry", help="queue a failed or cancelled job again (resumes from its checkpoint)")
     retry.add_argument("id")
-    dead = sub.add_parser("dead-letters", help="queue messages no worker could run, kept aside (newest first)")
-    dead.add_argument("--limit", type=int, default=20)
+    dead = sub.add_parser("dead-letters", help="messages no worker could run, moved aside (newest first)")
     dead.add_argument("--json", action="store_true")
+    dead.add_argument("--limit", type=int, default=50, help="show at most this many (default 50)")
+    dead.add_argument("--clear", action="store_true", help="forget them all (after looking at them)")
     return p
 
 
@@ -124,17 +125,31 @@ def _run(args, store) -> int:
             print(retry_job(store, args.id, CeleryPublisher(app, store)))
         return 0
     if args.command == "dead-letters":
+        return _dead_letters(store, args)
+    raise AssertionError(args.command)  # pragma: no cover
+
+
+def _dead_letters(store, args) -> int:
+    if args.clear:
+        print(f"cleared {store.clear_dead_letters()} dead letter(s)")
+        return 0
+    letters = store.dead_letters(args.limit)
+    if args.json:
         import dataclasses
 
-        letters = store.dead_letters(args.limit)
-        if args.json:
-            print(json.dumps([dataclasses.asdict(d) for d in letters], indent=2))
-        else:
-            print(f"{store.dead_letter_count()} dead letter(s)")
-            for d in letters:
-                print(f"  {d.at}  queue {d.queue}  {d.body_bytes} bytes  {d.error.splitlines()[0] if d.error else ''}")
+        print(json.dumps([dataclasses.asdict(d) for d in letters], indent=2))
         return 0
-    raise AssertionError(args.command)  # pragma: no cover
+    from tasks.poison import describe_body
+
+    total = store.dead_letter_count()
+    print(f"{total} dead letter(s): messages no worker could run, kept with their raw body" + (
+        f" (newest {len(letters)} shown)" if total > len(letters) else ""))
+    for d in letters:
+        headers = d.headers or {}
+        who = ", ".join(f"{k}={headers[k]!r}" for k in ("task", "id") if k in headers) or "no task headers"
+        print(f"{d.at}  queue {d.queue or '?'}  {who}\n  error: {d.error}\n"
+              f"  body ({d.body_bytes} bytes): {describe_body(d.raw_body())}")
+    return 0
 
 
 if __name__ == "__main__":

@@ -392,6 +392,12 @@ class MemoryJobStore:
     def dead_letter_count(self) -> int:
         return len(self._dead)
 
+    def clear_dead_letters(self) -> int:
+        with self._lock:
+            count = len(self._dead)
+            self._dead.clear()
+        return count
+
     # ------------------------------------------------------------------------- the queue messages (kombu lists)
 
     def message_counts(self) -> dict[str, int]:

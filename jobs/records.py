@@ -50,6 +50,12 @@ class DeadLetter:
     body: str = ""  # the raw body: UTF-8 text, or "base64:" + base64 when it is not UTF-8
     body_bytes: int = 0  # its full length (the body kept is cut at MAX_DEAD_LETTER_BODY bytes)
 
+    def raw_body(self) -> bytes:
+        """The body as it was kept (cut at ``MAX_DEAD_LETTER_BODY`` bytes)."""
+        if self.body.startswith("base64:"):
+            return base64.b64decode(self.body[len("base64:"):])
+        return self.body.encode("utf-8")
+
     @staticmethod
     def encode_body(raw: bytes, limit: int) -> str:
         kept = raw[:limit]

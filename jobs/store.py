@@ -30,7 +30,7 @@ from jobs import redis_scripts as scripts
 from jobs.errors import DuplicateDataset, IllegalTransition, NotOwner, StoreLayoutError, UnknownJob
 from jobs.history import JobHistoryLog
 from jobs.job import ACTIVE, FIELDS, Job, JobStatus, StopReason, check_transition, id_variant
-from jobs.queues import DEFAULT_HEARTBEAT_STALE_S, PRIORITIES, PRIORITY_RANK
+from jobs.queues import DEFAULT_HEARTBEAT_STALE_S, PRIORITIES, PRIORITY_RANK, celery_key
 from jobs.records import (
     MAX_DEAD_LETTER_BODY,
     SUMMARY_FIELDS,
@@ -624,13 +624,21 @@ class JobStore:
     def dead_letter_count(self) -> int:
         return int(self._redis.llen(keys.DEAD_LETTERS))
 
+    def clear_dead_letters(self) -> int:
+        """Forget every dead letter; returns how many there were."""
+        with self._redis.pipeline() as pipe:
+            pipe.llen(keys.DEAD_LETTERS)
+            pipe.delete(keys.DEAD_LETTERS)
+            count, _ = pipe.execute()
+        return int(count)
+
     # ------------------------------------------------------------------------- the queue messages (kombu lists)
 
     def message_counts(self) -> dict[str, int]:
         """Messages waiting in each priority queue (kombu's lists live in this Redis too)."""
         with self._redis.pipeline(transaction=False) as pipe:
             for queue in PRIORITIES:
-                pipe.llen(queue)
+                pipe.llen(celery_key(queue))
             counts = pipe.execute()
         return dict(zip(PRIORITIES, (int(c) for c in counts)))
 
@@ -638,7 +646,8 @@ class JobStore:
         """Put the waiting message of ``job_id`` before every other of ``queue``; False when it is not there."""
         raw = f'"id": "{job_id}"'
         escaped = '"id": ' + json.dumps(job_id)
-        return bool(self._eval("to-head", scripts.MOVE_TO_HEAD, 1, queue, raw, escaped))
+        # kombu prefixes the keys of its own commands (global_keyprefix), not those of a script: name it in full.
+        return bool(self._eval("to-head", scripts.MOVE_TO_HEAD, 1, celery_key(queue), raw, escaped))
 
     # ---------------------------------------------------------------------------------------------- server
 

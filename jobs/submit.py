@@ -6,7 +6,6 @@ Used by ``python -m enqueue``. Imports neither torch nor transformers, nor Celer
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,7 +13,7 @@ from pathlib import Path
 from campaigns.campaign import CampaignStore, find_target, join_or_create
 from config.errors import ConfigError, GuildError
 from config.settings import Settings
-from engine.formats import DatasetError, estimate_tokens, parse_bytes, read_bytes
+from engine.formats import DatasetError
 from jobs.control import preempt_low_if_needed
 from jobs.datasets import store_dataset
 from jobs.errors import DuplicateDataset
@@ -40,7 +39,7 @@ class SubmitRequest:
 @dataclass
 class CheckedFile:
     path: str
-    data: bytes
+    source: Path  # the file itself: validated in one streaming pass, copied into the store in another
     sha256: str
     num_examples: int
     estimated_tokens: int
@@ -51,18 +50,25 @@ class BatchRejected(GuildError):
     """Raised when any file of a batch is unusable; nothing of the batch was enqueued. One problem per line."""
 
 
-def check_files(paths: list[str]) -> list[CheckedFile]:
-    """Read and validate every file completely. Raises BatchRejected listing every problem of every file."""
+def check_files(paths: list[str], limits=None) -> list[CheckedFile]:
+    """Validate every line of every file, streaming. Raises BatchRejected listing every problem of every file.
+
+    Args:
+        limits: the :class:`engine.formats.DatasetLimits` to apply; default: the settings' (GUILD_MAX_*).
+    """
+    from config.settings import get_settings
+    from engine.formats import validate_file
+
+    limits = limits or get_settings().dataset_limits
     checked, problems = [], []
     for path in paths:
         try:
-            data = read_bytes(path, path)
-            examples = parse_bytes(data, path)
+            summary = validate_file(path, path, limits=limits)
         except DatasetError as exc:
-            problems.extend(str(p) for p in exc.problems)
+            problems.extend(exc.report_lines())
             continue
-        checked.append(CheckedFile(path, data, hashlib.sha256(data).hexdigest(), len(examples),
-                                   estimate_tokens(examples), examples[0].format))
+        checked.append(CheckedFile(path, Path(path), summary.sha256, summary.num_examples, summary.estimated_tokens,
+                                   summary.format))
     if problems:
         raise BatchRejected("\n".join(problems))
     return checked
@@ -130,7 +136,7 @@ def submit(settings: Settings, store, request: SubmitRequest, publish: Publisher
 
 
 def _new_job(settings: Settings, f: CheckedFile, request: SubmitRequest, campaign_id: str, plan: JobPlan) -> Job:
-    stored = store_dataset(settings.guild_home, f.sha256, f.data)
+    stored = store_dataset(settings.guild_home, f.sha256, f.source)
     return Job(id=make_job_id(Path(f.path).name), dataset_path=str(stored), hero_id=plan.hero.id,
                campaign_id=campaign_id, priority=request.priority, num_examples=f.num_examples,
                estimated_tokens=f.estimated_tokens, config_hash=plan.config_hash, git_commit=plan.git_commit,

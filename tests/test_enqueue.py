@@ -4,13 +4,14 @@ import json
 import subprocess
 import sys
 
+from jobs.queues import PRIORITIES, celery_key
 from tests.services import REPO
 
 EXAMPLES = REPO / "examples"
 
 
 def _queue_lengths(client):
-    return {q: client.llen(q) for q in ("high", "normal", "low")}
+    return {q: client.llen(celery_key(q)) for q in PRIORITIES}
 
 
 def test_enqueue_creates_job_and_message(run_cli, redis_client, guild_home):

@@ -7,6 +7,7 @@ import sys
 import pytest
 
 from jobs.job import Job
+from jobs.queues import celery_key
 from tests.services import REPO, wait_until
 from tests.test_pipeline import _enqueue, _wait_final
 
@@ -46,7 +47,7 @@ def test_enqueue_plan_shows_where_files_land_and_enqueues_nothing(store, run_cli
     assert out.returncode == 0, out.stderr
     ids = [j["id"] for j in json.loads(out.stdout)["jobs"]]
     assert ids[0] == "j2" and ids[1].startswith("(new)") and ids[2] == "j1"
-    assert len(store.list()) == 2 and redis_client.llen("normal") == 0
+    assert len(store.list()) == 2 and redis_client.llen(celery_key("normal")) == 0
 
 
 def test_cancel_queued_job(run_cli, store):

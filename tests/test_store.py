@@ -10,6 +10,7 @@ from jobs import keys
 from jobs.errors import DuplicateDataset, IllegalTransition, NotOwner, StoreLayoutError, UnknownJob
 from jobs.job import Job, JobStatus, StopReason
 from jobs.memory_store import MemoryJobStore
+from jobs.queues import celery_key
 from jobs.retry import RetryPolicy
 from jobs.store import JobStore
 
@@ -252,14 +253,17 @@ def test_check_layout_names_every_wrong_key(store, redis_client):
 def test_move_message_to_head_finds_non_ascii_ids(store, redis_client, redis_server):
     from celery import Celery
 
+    from celeryconfig import broker_transport_options
+
     app = Celery("t", broker=redis_server.url, set_as_current=False)
+    app.conf.broker_transport_options = broker_transport_options  # the guild-celery: key prefix, as workers use
     try:
         for job_id in ("20260101T000000_a", "20260101T000000_数据", "20260101T000000_b"):
             app.send_task("guild.train", args=[job_id], task_id=job_id, queue="low", routing_key="low")
     finally:
         app.close()
     assert store.move_message_to_head("low", "20260101T000000_数据")
-    head = json.loads(redis_client.lrange("low", -1, -1)[0])["headers"]["id"]
+    head = json.loads(redis_client.lrange(celery_key("low"), -1, -1)[0])["headers"]["id"]
     assert head == "20260101T000000_数据" and store.message_counts() == {"high": 0, "normal": 0, "low": 3}
     assert not store.move_message_to_head("low", "absent")
 
