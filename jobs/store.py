@@ -682,7 +682,7 @@ class JobStore:
         """One line per Guild key (or priority queue) whose Redis type is wrong, saying what to do."""
         found: list[str] = []
         names = [_text(k) for k in self._redis.scan_iter(match=keys.PREFIX + "*", count=1000)]
-        checks = [(k, expected_type(k)) for k in names] + [(q, "list") for q in PRIORITIES]
+        checks = [(k, expected_type(k)) for k in names] + [(celery_key(q), "list") for q in PRIORITIES]
         checks = [(k, t) for k, t in checks if t is not None]
         for start in range(0, len(checks), 1000):
             batch = checks[start:start + 1000]

@@ -101,7 +101,10 @@ def test_celery_takes_a_multi_gpu_worker_name(start_worker, store, guild_env):
     from celery import Celery
 
     start_worker("gpu0-1+3@test")
+    from celeryconfig import broker_transport_options
+
     app = Celery(broker=guild_env["REDIS_URL"])  # its own app: tasks.app may be bound to another Redis by now
+    app.conf.broker_transport_options = broker_transport_options  # the guild-celery: prefix the ACL allows
     try:
         replies = app.control.inspect(destination=["gpu0-1+3@test"], timeout=5).ping() or {}
     finally:
