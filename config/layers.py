@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from config.errors import ConfigError
-from config.schema import TrainerConfig, check_range, coerce, field_specs
+from config.schema import TrainerConfig, check_config, check_range, coerce, field_specs
 
 LAYERS = ("defaults", "hero", "campaign", "project", "cli")
 
@@ -125,7 +125,11 @@ def resolve(layers: list[Layer]) -> ResolvedConfig:
             sources[dotted] = layer.name
     if problems:
         raise ConfigError(problems)
-    return ResolvedConfig(TrainerConfig.from_flat(values), sources)
+    config = TrainerConfig.from_flat(values)
+    problems = check_config(config, sources)
+    if problems:
+        raise ConfigError(problems)
+    return ResolvedConfig(config, sources)
 
 
 def read_project_layer(guild_home: Path) -> Layer | None:

@@ -14,6 +14,9 @@ from typing import Any, get_type_hints
 
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
 PRECISIONS = ("auto", "fp32", "bf16")
+ATTENTION_PATHS = ("auto", "per_document", "flex", "flash_varlen", "sdpa_dense")  # engine.attention.AttentionPath
+LOSS_KERNELS = ("auto", "chunked", "liger")  # engine.loss.LossKernel
+DECAYING_SCHEDULERS = ("linear", "cosine")
 
 
 @dataclass(frozen=True)
@@ -38,6 +41,9 @@ class Hyperparams:
     eval_max_examples: int = 200
     eval_steps: int = 0  # 0: validate only at the end of each job
     seed: int = 42
+    attention: str = "auto"  # how packed examples are kept apart (engine.attention); auto picks by device
+    loss_kernel: str = "auto"  # lm_head + cross-entropy: chunked, or liger (auto: liger on CUDA when installed)
+    deterministic: bool = False  # deterministic kernels, for bitwise resume on CUDA (slower; engine.determinism)
 
 
 @dataclass(frozen=True)
@@ -121,7 +127,8 @@ def field_specs() -> dict[str, FieldSpec]:
 
 
 _CHOICES = {"hyperparams.lr_scheduler": LR_SCHEDULERS, "hyperparams.precision": PRECISIONS,
-            "optimizer.name": ("adamw",)}
+            "optimizer.name": ("adamw",), "hyperparams.attention": ATTENTION_PATHS,
+            "hyperparams.loss_kernel": LOSS_KERNELS}
 _POSITIVE = {"hyperparams.batch_size", "hyperparams.gradient_accumulation_steps", "hyperparams.max_length",
              "hyperparams.save_steps", "hyperparams.save_total_limit", "queue.max_attempts"}
 _NON_NEGATIVE = {"hyperparams.warmup_steps", "hyperparams.decay_steps", "hyperparams.max_steps",
@@ -185,3 +192,24 @@ def check_range(dotted: str, value: Any) -> str | None:
     if dotted == "hyperparams.eval_fraction" and not 0 <= value < 1:
         return f"must be in [0, 1), got {value!r}"
     return None
+
+
+def check_config(config: TrainerConfig, sources: dict[str, str] | None = None) -> list[str]:
+    """Problems that involve several fields (each field alone passed :func:`check_range`), one text each.
+
+    Args:
+        sources: the layer that set each dotted field, named in the messages when given.
+    """
+    def where(dotted: str) -> str:
+        return f" ({sources[dotted]} layer)" if sources and dotted in sources else ""
+
+    hp = config.hyperparams
+    problems = []
+    if hp.lr_scheduler in DECAYING_SCHEDULERS and 0 < hp.decay_steps <= hp.warmup_steps:
+        problems.append(
+            f"hyperparams.decay_steps={hp.decay_steps}{where('hyperparams.decay_steps')} must be greater than "
+            f"hyperparams.warmup_steps={hp.warmup_steps}{where('hyperparams.warmup_steps')} with lr_scheduler "
+            f"{hp.lr_scheduler}: the LR would fall to 0 as warmup ends. Set decay_steps to the campaign step where "
+            "the LR should reach 0 (after warmup), or to 0 for no decay"
+        )
+    return problems

@@ -20,3 +20,8 @@ class ModelLoadError(EngineError):
 
 class CheckpointError(EngineError):
     """Raised when a checkpoint directory is incomplete, unreadable or belongs to another model."""
+
+
+class AttentionConfigError(EngineError):
+    """Raised when the configured attention cannot keep packed examples apart on this device or model (which would
+    let examples attend to each other), or cannot train there at all. The message names the key and the fix."""
