@@ -177,10 +177,12 @@ def linear_cross_entropy_sum(
     )
     if wants_grad:
         return ChunkedLinearCrossEntropy.apply(hidden, weight, bias, targets, chunk)
-    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    dtype = _matmul_dtype(hidden, weight)
+    exact = _softmax_dtype(dtype)
+    total = torch.zeros((), dtype=exact, device=hidden.device)
     for s in range(0, hidden.shape[0], chunk):
-        logits = F.linear(hidden[s : s + chunk], weight, bias).float()
-        total = total + F.cross_entropy(logits, targets[s : s + chunk], reduction="sum")
+        logits = F.linear(hidden[s : s + chunk].to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))
+        total = total + F.cross_entropy(logits.to(exact), targets[s : s + chunk], reduction="sum")
     return total
 
 
@@ -199,18 +201,20 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, targets, chunk):
         needs_hidden, needs_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         needs_bias = bias is not None and ctx.needs_input_grad[2]
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        grad_hidden = torch.empty_like(hidden) if needs_hidden else None
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if needs_weight else None
-        grad_bias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if needs_bias else None
-        # The matmuls run in autocast's dtype when it is on (cast once here, not once per chunk), else as given.
+        # The matmuls run in autocast's dtype when it is on (cast once here, not once per chunk), else as given;
+        # softmax and sums in float32 at least.
         dtype = _matmul_dtype(hidden, weight)
+        exact = _softmax_dtype(dtype)
+        total = torch.zeros((), dtype=exact, device=hidden.device)
+        grad_hidden = torch.empty_like(hidden) if needs_hidden else None
+        grad_weight = torch.zeros(weight.shape, dtype=exact, device=weight.device) if needs_weight else None
+        grad_bias = torch.zeros(bias.shape, dtype=exact, device=bias.device) if needs_bias else None
         w = weight.to(dtype)
         b = bias.to(dtype) if bias is not None else None
         for s in range(0, hidden.shape[0], chunk):
             h = hidden[s : s + chunk].to(dtype)
             t = targets[s : s + chunk]
-            logits = F.linear(h, w, b).float()
+            logits = F.linear(h, w, b).to(exact)
             lse = torch.logsumexp(logits, dim=-1)
             total += (lse - logits.gather(1, t.unsqueeze(1)).squeeze(1)).sum()
             # d(sum of losses)/d(logits) = softmax - one_hot(target), built in place over the logits.
@@ -223,7 +227,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
             if needs_weight:
                 grad_weight += grad.t() @ h
             if needs_bias:
-                grad_bias += grad.float().sum(0)
+                grad_bias += grad.to(exact).sum(0)
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
         ctx.weight_dtype = weight.dtype
         ctx.bias_dtype = bias.dtype if bias is not None else None
@@ -247,6 +251,10 @@ def _matmul_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     if torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
     return torch.promote_types(hidden.dtype, weight.dtype)
+
+
+def _softmax_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
 
 
 def _liger_sum(hidden: torch.Tensor, head, targets: torch.Tensor) -> torch.Tensor:
