@@ -14,9 +14,9 @@ Paths (:class:`AttentionPath`), chosen by :func:`choose_path` from ``hyperparams
   0.35 s per document against 0.70 s for plain causal SDPA over whole rows and 3.1 s with the dense document
   mask. Grouping equal-length documents into one call gains nothing there: the kernel time dominates, not the
   ~35 calls a micro-batch makes.
-* ``flex``: ``flex_attention`` with a BlockMask of (causal and same example), built once per micro-batch and
-  compiled; blocks across examples are skipped. CUDA (on the CPU FlexAttention has a forward only, which the
-  tests use to check the per-document path).
+* ``flex``: ``flex_attention`` with a BlockMask of (causal and same example), built once per micro-batch
+  (:meth:`DocumentLayout.materialize`) and compiled; blocks across examples are skipped. CUDA (on the CPU
+  FlexAttention has a forward only, which the tests use to check the per-document path).
 * ``flash_varlen``: the rows flattened into one sequence and flash attention's variable-length kernel with
   explicit ``cu_seqlens`` (the ``flash_attn`` package when installed, else torch's own
   ``torch.nn.attention.varlen``). CUDA, bf16/fp16.
@@ -32,12 +32,13 @@ from __future__ import annotations
 
 import inspect
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from enum import Enum
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 from engine.errors import AttentionConfigError
 
@@ -68,7 +69,7 @@ def flash_varlen_available(device: torch.device) -> bool:
         return False
     if torch.cuda.get_device_capability(device)[0] < 8:
         return False
-    return _flash_attn_varlen_func() is not None or _torch_varlen_attn() is not None
+    return _varlen_kernel() is not None
 
 
 def choose_path(
@@ -173,42 +174,44 @@ def uses_document_attention(model) -> bool:
 class DocumentLayout:
     """Where each example lies in each row of one micro-batch, in the form ``path`` needs.
 
-    Built on the host from the packer's rows (:func:`layout_for`); moved to the device with the batch. Derived
-    device tensors (the flex BlockMask, the dense mask) are built on first use by the first attention layer and
-    reused by the others.
+    Built on the host from the packer's rows (:func:`layout_for`), moved to the device with the batch, then
+    :meth:`materialize` builds what the kernel needs there (the flex BlockMask, the dense mask) once, before the
+    forward: the attention layers only read it, so compiled layers see plain tensors of fixed shapes.
     """
 
     path: AttentionPath
     documents: tuple[tuple[int, ...], ...]  # per row: the length of each example, in order; padding follows
+    rows: int
     width: int  # tokens per row
     example_index: torch.Tensor | None = None  # (rows, width): example of each token, -1 on padding (flex, dense)
     cu_seqlens: torch.Tensor | None = None  # (segments + 1,) int32 over the flattened rows (flash_varlen)
     max_seqlen: int = 0
     compiled: bool = False  # flex: compile the kernel and the mask construction
-    _derived: dict[str, Any] = field(default_factory=dict, repr=False)
+    dense_mask: torch.Tensor | None = None  # sdpa_dense, after materialize()
+    block_mask: Any = None  # flex, after materialize()
 
     def to(self, device: torch.device, non_blocking: bool = False) -> DocumentLayout:
-        def move(t):
-            return None if t is None else t.to(device, non_blocking=non_blocking)
-
-        return DocumentLayout(
-            self.path,
-            self.documents,
-            self.width,
-            move(self.example_index),
-            move(self.cu_seqlens),
-            self.max_seqlen,
-            self.compiled,
-        )
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
 
     def pin_memory(self) -> DocumentLayout:
-        def pin(t):
-            return None if t is None else t.pin_memory()
+        return self._map(lambda t: t.pin_memory())
 
-        return DocumentLayout(
-            self.path, self.documents, self.width, pin(self.example_index), pin(self.cu_seqlens), self.max_seqlen,
-            self.compiled,
+    def _map(self, fn) -> DocumentLayout:
+        return replace(
+            self,
+            example_index=None if self.example_index is None else fn(self.example_index),
+            cu_seqlens=None if self.cu_seqlens is None else fn(self.cu_seqlens),
+            dense_mask=None,
+            block_mask=None,
         )
+
+    def materialize(self) -> DocumentLayout:
+        """Build the device-side mask of this path, once (idempotent); returns self."""
+        if self.path is AttentionPath.SDPA_DENSE and self.dense_mask is None:
+            self.dense_mask = dense_document_mask(self.example_index)
+        elif self.path is AttentionPath.FLEX and self.block_mask is None:
+            self.block_mask = _block_mask(self.example_index, self.compiled)
+        return self
 
 
 def layout_for(
@@ -220,7 +223,7 @@ def layout_for(
     compiled: bool = False,
 ) -> DocumentLayout:
     """The layout of a micro-batch whose row ``r`` holds examples of lengths ``documents[r]``, then padding."""
-    layout = DocumentLayout(path, documents, width, compiled=compiled)
+    layout = DocumentLayout(path, documents, len(documents), width, compiled=compiled)
     if path in (AttentionPath.FLEX, AttentionPath.SDPA_DENSE):
         layout.example_index = example_index
     elif path is AttentionPath.FLASH_VARLEN:
@@ -264,17 +267,15 @@ def document_attention(
             f"the model's attention is Guild's document attention ({GUILD_ATTENTION}) but this call passed no "
             f"{LAYOUT_KWARG}: go through engine.loss, or call model.set_attn_implementation('sdpa') first"
         )
-    if query.shape[2] != layout.width or query.shape[0] != len(layout.documents):
+    if query.shape[2] != layout.width or query.shape[0] != layout.rows:
         raise AttentionConfigError(
-            f"the document layout is for {len(layout.documents)} rows of {layout.width} tokens, the batch is "
+            f"the document layout is for {layout.rows} rows of {layout.width} tokens, the batch is "
             f"{query.shape[0]} x {query.shape[2]}"
         )
     if layout.path is AttentionPath.PER_DOCUMENT:
         out = _per_document(query, key, value, layout, scaling, dropout)
     elif layout.path is AttentionPath.SDPA_DENSE:
-        mask = layout._derived.get("dense")
-        if mask is None:
-            mask = layout._derived["dense"] = dense_document_mask(layout.example_index)
+        mask = layout.dense_mask if layout.dense_mask is not None else dense_document_mask(layout.example_index)
         out = F.scaled_dot_product_attention(
             query, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling, enable_gqa=_gqa(query, key)
         )
@@ -326,29 +327,21 @@ def _per_document(query, key, value, layout: DocumentLayout, scaling, dropout) -
 
 
 _compiled_flex = None
-_compiled_block_mask = None
+
+
+def _block_mask(example: torch.Tensor, compiled: bool):
+    """The flex BlockMask of (causal and same example) for ``example`` (rows, width); -1 (padding) sees padding."""
+
+    def same_example_causal(b, h, q, kv):
+        return (q >= kv) & (example[b, q] == example[b, kv])
+
+    rows, width = example.shape
+    return create_block_mask(same_example_causal, rows, None, width, width, device=example.device, _compile=compiled)
 
 
 def _flex(query, key, value, layout: DocumentLayout, scaling) -> torch.Tensor:
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-
-    global _compiled_flex, _compiled_block_mask
-    block_mask = layout._derived.get("block_mask")
-    if block_mask is None:
-        example = layout.example_index
-
-        def same_example_causal(b, h, q, kv):
-            return (q >= kv) & (example[b, q] == example[b, kv])
-
-        rows, width = example.shape
-        make = create_block_mask
-        if layout.compiled:
-            if _compiled_block_mask is None:
-                _compiled_block_mask = torch.compile(create_block_mask)
-            make = _compiled_block_mask
-        block_mask = layout._derived["block_mask"] = make(
-            same_example_causal, rows, None, width, width, device=example.device
-        )
+    global _compiled_flex
+    block_mask = layout.block_mask if layout.block_mask is not None else _block_mask(layout.example_index, False)
     kernel = flex_attention
     if layout.compiled:
         if _compiled_flex is None:
@@ -372,14 +365,13 @@ def _flash_varlen(query, key, value, layout: DocumentLayout, scaling) -> torch.T
     k = key.transpose(1, 2).reshape(rows * width, key.shape[1], dim).to(dtype)
     v = value.transpose(1, 2).reshape(rows * width, value.shape[1], value.shape[-1]).to(dtype)
     cu, longest = layout.cu_seqlens, layout.max_seqlen
-    package = _flash_attn_varlen_func()
-    if package is not None:
-        out = package(
+    kind, kernel, params = _VARLEN if _VARLEN is not None else _varlen_kernel()
+    if kind == "flash_attn":
+        out = kernel(
             q, k, v, cu, cu, longest, longest, softmax_scale=scaling, causal=True,
             deterministic=torch.are_deterministic_algorithms_enabled(),
         )
     else:
-        varlen_attn, params = _torch_varlen_attn()
         extra: dict[str, Any] = {"scale": scaling}
         if "window_size" in params:
             extra["window_size"] = (-1, 0)  # causal
@@ -391,7 +383,7 @@ def _flash_varlen(query, key, value, layout: DocumentLayout, scaling) -> torch.T
             else:
                 k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
                 v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
-        out = varlen_attn(q, k, v, cu, cu, longest, longest, **extra)
+        out = kernel(q, k, v, cu, cu, longest, longest, **extra)
     return out.view(rows, width, heads, -1)
 
 
@@ -401,20 +393,25 @@ def _compute_dtype(query: torch.Tensor, value: torch.Tensor) -> torch.dtype:
     return value.dtype if value.dtype == query.dtype else torch.promote_types(query.dtype, value.dtype)
 
 
-def _flash_attn_varlen_func():
-    try:
-        from flash_attn import flash_attn_varlen_func
-    except Exception:  # noqa: BLE001 - not installed, or built for another torch: use torch's own kernel
-        return None
-    return flash_attn_varlen_func
+_VARLEN: tuple[str, Any, frozenset] | None = None  # resolved once, outside compiled code
 
 
-def _torch_varlen_attn():
-    try:
-        from torch.nn.attention.varlen import varlen_attn
-    except ImportError:
-        return None
-    return varlen_attn, set(inspect.signature(varlen_attn).parameters)
+def _varlen_kernel() -> tuple[str, Any, frozenset] | None:
+    """The variable-length flash kernel: ("flash_attn", fn, params) when that package imports, else torch's own
+    ("torch", varlen_attn, its parameter names), else None."""
+    global _VARLEN
+    if _VARLEN is None:
+        try:
+            from flash_attn import flash_attn_varlen_func
+
+            _VARLEN = ("flash_attn", flash_attn_varlen_func, frozenset())
+        except Exception:  # noqa: BLE001 - not installed, or built for another torch: use torch's own kernel
+            try:
+                from torch.nn.attention.varlen import varlen_attn
+            except ImportError:
+                return None
+            _VARLEN = ("torch", varlen_attn, frozenset(inspect.signature(varlen_attn).parameters))
+    return _VARLEN
 
 
 _registered = False

@@ -89,7 +89,7 @@ def model_inputs(model, batch: Batch) -> dict:
             layout = layout_for(
                 AttentionPath.PER_DOCUMENT, batch.documents, batch.input_ids.shape[1], batch.example_index
             )
-        kwargs["guild_layout"] = layout
+        kwargs["guild_layout"] = layout.materialize()
         return kwargs
     if any(len(row) > 1 for row in batch.documents):
         implementation = getattr(model.config, "_attn_implementation", None)

@@ -308,6 +308,9 @@ class TrainerEngine:
             self._warm_checkpoint = path_
             return path_
 
+        def validate() -> float:
+            return self._evaluate(model, data, hp.batch_size, autocast, path, static)
+
         def build(step: int) -> list[Batch]:
             """The micro-batches of job step ``step`` (runs on the prefetch thread)."""
             return [
@@ -417,7 +420,7 @@ class TrainerEngine:
                         global_step, job_step = global_step - 1, job_step - 1
                         break
                     if evaluate and data.val:
-                        val_history.append((global_step, self._evaluate(model, data, hp.batch_size, autocast, path)))
+                        val_history.append((global_step, validate()))
                         logger.info("run %s step %d val loss %.4f", run_id, global_step, val_history[-1][1])
                     if checkpoint:
                         last_checkpoint = save()
@@ -428,7 +431,7 @@ class TrainerEngine:
             # A failed one saves nothing: its last good checkpoint stays the latest.
             final_val_loss = None
             if status == TrainingStatus.COMPLETED and data.val:
-                final_val_loss = self._evaluate(model, data, hp.batch_size, autocast, path)
+                final_val_loss = validate()
                 if global_step > start_step:
                     val_history.append((global_step, final_val_loss))
             if status == TrainingStatus.FAILED:
@@ -478,6 +481,8 @@ class TrainerEngine:
         step_loss = torch.zeros((), device=self.device)
         for batch in batches:
             batch = batch.to(self.device)
+            if self.compile and batch.layout is not None and batch.layout.cu_seqlens is not None:
+                torch._dynamo.mark_dynamic(batch.layout.cu_seqlens, 0)  # the segment count varies: one graph
             with autocast:
                 summed = self._loss_fn(model, batch, kernel)
             (summed / n_loss).backward()
@@ -533,8 +538,8 @@ class TrainerEngine:
     def _forget_warm(self) -> None:
         self._warm_checkpoint = None
 
-    def _evaluate(self, model, data: PreparedDataset, batch_size: int, autocast, path) -> float:
-        """Token-weighted mean loss over the validation examples."""
+    def _evaluate(self, model, data: PreparedDataset, batch_size: int, autocast, path, static: bool) -> float:
+        """Token-weighted mean loss over the validation examples (in batches of the training shape if ``static``)."""
         model.eval()
         total = torch.zeros((), dtype=torch.float64, device=self.device)
         count = 0
@@ -542,7 +547,8 @@ class TrainerEngine:
             with torch.no_grad():
                 for i in range(0, len(data.val_rows), batch_size):
                     picked = range(i, min(i + batch_size, len(data.val_rows)))
-                    batch = self._batch(data.val_rows, data.val, picked, data.pad_id, path).to(self.device)
+                    shape = (data.row_length, batch_size) if static else (None, None)
+                    batch = self._batch(data.val_rows, data.val, picked, data.pad_id, path, *shape).to(self.device)
                     with autocast:
                         total += loss_sum(model, batch).double()
                     count += batch.num_loss_tokens
