@@ -112,3 +112,17 @@ def test_liger_is_refused_where_it_cannot_run():
     assert choose_loss_kernel("auto", torch.device("cpu")) is LossKernel.CHUNKED
     with pytest.raises(AttentionConfigError, match="hyperparams.loss_kernel=liger needs CUDA"):
         choose_loss_kernel("liger", torch.device("cpu"))
+
+
+def test_the_compiled_kernels_source_equals_the_eager_chunk_step():
+    """What CUDA compiles (out of place) computes what the eager, in-place path does."""
+    from engine.loss import _logit_loss_and_grad, logit_loss_and_grad_reference
+
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(50, 300, generator=g)
+    targets = torch.randint(0, 300, (50,), generator=g)
+    loss, grad = logit_loss_and_grad_reference(logits, targets)
+    eager_loss, eager_grad = _logit_loss_and_grad(logits.clone(), targets)
+    assert loss.item() == pytest.approx(eager_loss.item(), rel=1e-6)
+    assert torch.allclose(grad, eager_grad, atol=1e-7)
+    assert torch.allclose(grad, torch.softmax(logits, -1) - F.one_hot(targets, 300), atol=1e-6)
