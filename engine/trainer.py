@@ -8,7 +8,6 @@ campaign, which resumes from the checkpoint this engine just wrote, starts witho
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import os
@@ -22,7 +21,7 @@ from typing import Any
 
 import torch
 
-from config.schema import DECAYING_SCHEDULERS, Hyperparams, TrainerConfig
+from config.schema import TrainerConfig
 from engine import determinism
 from engine.attention import AttentionPath, choose_path, install, layout_for
 from engine.batches import DataOrder, job_steps
@@ -37,10 +36,11 @@ from engine.dataset import PreparedDataset, prepare_dataset
 from engine.errors import DatasetInvalid, ModelLoadError
 from engine.formats import DatasetError, Example, read_examples
 from engine.loss import choose_loss_kernel, loss_sum
+from engine.model import autocast_for, build_optimizer, compile_layers, load_model, set_activation_checkpointing
 from engine.packing import Batch, collate
 from engine.prefetch import BatchPrefetcher
 from engine.result import TrainingResult, TrainingStatus
-from engine.schedule import lr_at
+from engine.schedule import lr_at, schedule_warnings
 from engine.stepping import PendingStep, RngState, apply_update, not_finite_flag, optimizer_can_skip
 
 logger = logging.getLogger(__name__)
@@ -268,7 +268,7 @@ class TrainerEngine:
         else:
             torch.manual_seed(hp.seed)
             random.seed(hp.seed)
-        autocast = _autocast(self.device, hp.precision)
+        autocast = autocast_for(self.device, hp.precision)
         # Static shapes (full rows, batch_size of them) for compiled code: it then compiles once.
         static = self.compile or path is AttentionPath.FLEX
         fixed_length, fixed_rows = (data.row_length, hp.batch_size) if static else (None, None)
@@ -517,12 +517,12 @@ class TrainerEngine:
         else:
             self._forget_warm()
             source = Path(resume_from) if resume_from is not None else Path(model_path)
-            model = _load_model(source).to(self.device)
-            optimizer = _build_optimizer(model, self.device)
+            model = load_model(source).to(self.device)
+            optimizer = build_optimizer(model, self.device)
             if resume_from is not None:
                 load_optimizer_state(resume_from, optimizer)
             if self.compile:
-                _compile_layers(model)
+                compile_layers(model)
             self._model, self._optimizer, self._model_path = model, optimizer, str(model_path)
         self._loss_fn = loss_sum
         # The config of this job applies, whatever the checkpoint's was (the LR is set at every step).
@@ -531,7 +531,7 @@ class TrainerEngine:
             group["betas"] = (opt.beta1, opt.beta2)
             group["eps"] = opt.eps
             group["weight_decay"] = opt.weight_decay if group.get("name") == "decay" else 0.0
-        _set_activation_checkpointing(model, hp.gradient_checkpointing)  # a warm model may have had it on
+        set_activation_checkpointing(model, hp.gradient_checkpointing)  # a warm model may have had it on
         model.train()
         return model, optimizer
 
@@ -555,89 +555,6 @@ class TrainerEngine:
         finally:
             model.train()
         return total.item() / count
-
-
-def schedule_warnings(hp: Hyperparams, first_step: int, end_step: int) -> list[str]:
-    """What the user should hear about this job's learning rates: steps at LR 0 train nothing."""
-    if end_step <= first_step:
-        return []
-    if hp.learning_rate == 0:
-        return ["hyperparams.learning_rate is 0: this job does not change the weights"]
-    if hp.lr_scheduler not in DECAYING_SCHEDULERS or hp.decay_steps <= 0 or end_step <= hp.decay_steps:
-        return []
-    if first_step >= hp.decay_steps:
-        return [
-            f"the campaign's LR reached 0 at step {hp.decay_steps} (hyperparams.decay_steps) and this job runs steps "
-            f"{first_step + 1}-{end_step}: it does not change the weights. Raise hyperparams.decay_steps for the "
-            "campaign, or start a new campaign"
-        ]
-    return [
-        f"the campaign's LR reaches 0 at step {hp.decay_steps} (hyperparams.decay_steps); this job's steps "
-        f"{hp.decay_steps + 1}-{end_step} do not change the weights. Raise hyperparams.decay_steps to train on all "
-        "of its data"
-    ]
-
-
-def _compile_layers(model) -> None:
-    """``torch.compile`` each decoder layer (static shapes): the document layout and the loss stay eager, so a new
-    set of example lengths or loss-token count never recompiles anything."""
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
-    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
-    if not layers:
-        logger.warning("compile: no decoder layers found in %s; running eagerly", type(model).__name__)
-    for layer in layers:
-        layer.compile(dynamic=False)
-
-
-def _load_model(source: Path):
-    from transformers import AutoModelForCausalLM
-
-    try:
-        # fp32 master weights whatever the checkpoint's dtype: bf16 runs under autocast where it is supported.
-        # use_safetensors: weights that exist only as a pickle (.bin) are refused, never unpickled.
-        return AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, use_safetensors=True)
-    except Exception as exc:  # noqa: BLE001 - any loading failure is reported the same way
-        raise ModelLoadError(f"cannot load a causal LM from {source}: {type(exc).__name__}: {exc}") from None
-
-
-def _set_activation_checkpointing(model, enabled: bool) -> None:
-    """Recompute activations in the backward pass (less memory, ~30% more compute) or not."""
-    # transformers 5 renamed gradient_checkpointing_* to activation_checkpointing_*; older ones have only the former.
-    if hasattr(model, "activation_checkpointing_enable"):
-        if enabled:
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.activation_checkpointing_disable()
-    elif enabled:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    else:
-        model.gradient_checkpointing_disable()
-
-
-def _build_optimizer(model, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW with weight decay on matrices only (not on norms and biases).
-
-    Fused (one kernel over all parameters) on CUDA and on the CPU, where it is ~4x faster than the default
-    for-each implementation; other devices get the default.
-    """
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    groups = [{"params": decay, "name": "decay"}, {"params": no_decay, "name": "no_decay"}]
-    if device.type in ("cuda", "cpu"):
-        try:
-            return torch.optim.AdamW(groups, lr=0.0, fused=True)
-        except (RuntimeError, TypeError):  # an older torch or a dtype the fused kernel does not take
-            pass
-    return torch.optim.AdamW(groups, lr=0.0)
-
-
-def _autocast(device: torch.device, precision: str):
-    """bf16 autocast for "bf16", and for "auto" on a GPU that supports it; fp32 (no autocast) otherwise."""
-    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
-    if use_bf16:
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 def _read_dataset(dataset: Dataset) -> Sequence[Example]:

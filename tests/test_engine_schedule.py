@@ -73,7 +73,7 @@ def test_sound_schedules_pass(sets):
 
 
 def test_warnings_when_the_campaign_lr_reaches_zero():
-    from engine.trainer import schedule_warnings
+    from engine.schedule import schedule_warnings
 
     h = hp(lr_scheduler="linear", warmup_steps=2, decay_steps=100)
     assert schedule_warnings(h, 0, 100) == []  # the last step (index 99) still has a positive LR
