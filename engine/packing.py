@@ -68,7 +68,7 @@ class Batch:
     """
 
     input_ids: torch.Tensor  # (rows, length) int64
-    position_ids: torch.Tensor  # (rows, length) int64, restarting at 0 for each example and for the padding
+    position_ids: torch.Tensor  # (rows, length) int64, restarting at 0 for each example; padding continues the last
     example_index: torch.Tensor  # (rows, length) int64, the example each token belongs to, -1 on padding
     loss_positions: torch.Tensor  # (n,) int64
     loss_targets: torch.Tensor  # (n,) int64
@@ -136,7 +136,10 @@ def collate(
             offset += n
         pad = width - row_lengths[r]
         ids.extend([pad_id] * pad)
-        positions.extend(range(pad))
+        # Padding continues the last example's positions: a row of one example then reads as one sequence (a model
+        # with its own attention then needs no mask at all: causal, and no real token sees the padding after it).
+        last = len(examples[row[-1]]) if row else 0
+        positions.extend(range(last, last + pad))
         owners.extend([-1] * pad)
     shape = (len(rows), width)
     documents = tuple(tuple(len(examples[i]) for i in row) for row in rows)

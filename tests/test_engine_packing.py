@@ -63,7 +63,7 @@ def test_best_fit_refuses_an_example_longer_than_a_row():
 def test_position_ids_restart_and_boundary_targets_are_masked(examples):
     batch = collate([[0, 1, 2]], examples, pad_id=0, length=sum(len(examples[i]) for i in range(3)) + 5)
     lengths = [len(examples[i]) for i in range(3)]
-    expected_positions = [p for n in lengths + [5] for p in range(n)]
+    expected_positions = [p for n in lengths for p in range(n)] + list(range(lengths[-1], lengths[-1] + 5))
     assert batch.position_ids[0].tolist() == expected_positions
     assert batch.example_index[0].tolist() == [i for i, n in enumerate(lengths) for _ in range(n)] + [-1] * 5
     assert batch.num_tokens == sum(lengths)
