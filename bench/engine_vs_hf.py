@@ -10,9 +10,9 @@ loss on assistant tokens only, tokenised beforehand by the same code (tokenising
   tokens, 8 rows a step, document attention, chunked cross-entropy, and the final checkpoint written.
 
 The headline is what a user waits for: useful (non-pad) tokens over the wall time of the whole call. Runs
-alternate (HF, Guild, HF, Guild, ...) so that whatever else the machine does falls on both; each pair gives a
-ratio, reported with the load average. Steady-state rates (first steps left out) and tokens per CPU-second are
-printed as secondary figures.
+alternate (HF, Guild, Guild, HF, ...: the order flips every round) so that whatever else the machine does falls
+on both; each round gives a ratio, reported with the load average. Steady-state rates (first steps left out) and
+tokens per CPU-second are printed as secondary figures.
 
     .venv/bin/python bench/engine_vs_hf.py [--examples 800] [--max-length 2048] [--rounds 2] [--threads N]
 
@@ -85,11 +85,15 @@ def main() -> None:
         flush=True,
     )
 
+    # Rounds alternate their order (HF then Guild, Guild then HF, ...): neither side always runs first in the
+    # process (a first run can pay for cold caches) or always meets the same moment of the machine's load.
     runs: list[dict] = []
-    for _ in range(args.rounds):
-        if not args.no_hf:
-            runs.append(timed(bench_hf, model_path, examples, args))
-        runs.append(timed(bench_engine, model_path, examples, args))
+    for round_ in range(args.rounds):
+        order = [bench_hf, bench_engine] if round_ % 2 == 0 else [bench_engine, bench_hf]
+        for bench in order:
+            if bench is bench_hf and args.no_hf:
+                continue
+            runs.append(timed(bench, model_path, examples, args))
 
     print(
         f"\n{'run':8} {'wall tok/s':>11} {'wall s':>7} {'steady tok/s':>13} {'per CPU s':>10} {'pad %':>6} "
