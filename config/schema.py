@@ -19,6 +19,9 @@ PRECISIONS = ("auto", "fp32", "bf16")
 FINETUNE_MODES = ("full", "lora", "qlora")
 # Every linear projection of a Qwen3 (Llama-style) decoder layer: attention and MLP. "all-linear" also works.
 QWEN3_LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+ATTENTION_PATHS = ("auto", "per_document", "flex", "flash_varlen", "sdpa_dense")  # engine.attention.AttentionPath
+LOSS_KERNELS = ("auto", "chunked", "liger")  # engine.loss.LossKernel
+DECAYING_SCHEDULERS = ("linear", "cosine")
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,9 @@ class Hyperparams:
     eval_max_examples: int = 200
     eval_steps: int = 0  # 0: validate only at the end of each job
     seed: int = 42
+    attention: str = "auto"  # how packed examples are kept apart (engine.attention); auto picks by device
+    loss_kernel: str = "auto"  # lm_head + cross-entropy: chunked, or liger (auto: liger on CUDA when installed)
+    deterministic: bool = False  # deterministic kernels, for bitwise resume on CUDA (slower; engine.determinism)
 
 
 @dataclass(frozen=True)
@@ -149,7 +155,8 @@ def field_specs() -> dict[str, FieldSpec]:
 
 
 _CHOICES = {"hyperparams.lr_scheduler": LR_SCHEDULERS, "hyperparams.precision": PRECISIONS,
-            "optimizer.name": ("adamw",), "finetune.mode": FINETUNE_MODES}
+            "optimizer.name": ("adamw",), "finetune.mode": FINETUNE_MODES, "hyperparams.attention": ATTENTION_PATHS,
+            "hyperparams.loss_kernel": LOSS_KERNELS}
 _POSITIVE = {"hyperparams.epochs", "hyperparams.batch_size", "hyperparams.gradient_accumulation_steps",
              "hyperparams.max_length", "hyperparams.save_steps", "hyperparams.save_total_limit", "queue.max_attempts",
              "finetune.lora_rank", "finetune.lora_alpha"}
@@ -244,15 +251,30 @@ def check_range(dotted: str, value: Any) -> str | None:
     return None
 
 
-def cross_field_problems(config: TrainerConfig) -> list[str]:
-    """Problems that involve more than one field (each field being valid on its own)."""
-    problems = []
+def check_config(config: TrainerConfig, sources: dict[str, str] | None = None) -> list[str]:
+    """Problems that involve several fields (each field alone passed :func:`check_range`), one text each.
+
+    Args:
+        sources: the layer that set each dotted field, named in the messages when given.
+    """
+    def where(dotted: str) -> str:
+        return f" ({sources[dotted]} layer)" if sources and dotted in sources else ""
+
     hp = config.hyperparams
+    problems = []
+    if hp.lr_scheduler in DECAYING_SCHEDULERS and 0 < hp.decay_steps <= hp.warmup_steps:
+        problems.append(
+            f"hyperparams.decay_steps={hp.decay_steps}{where('hyperparams.decay_steps')} must be greater than "
+            f"hyperparams.warmup_steps={hp.warmup_steps}{where('hyperparams.warmup_steps')} with lr_scheduler "
+            f"{hp.lr_scheduler}: the LR would fall to 0 as warmup ends. Set decay_steps to the campaign step where "
+            "the LR should reach 0 (after warmup), or to 0 for no decay"
+        )
     if hp.global_batch_size and hp.global_batch_size % hp.batch_size:
         problems.append(
             f"hyperparams.global_batch_size {hp.global_batch_size} is not a multiple of hyperparams.batch_size "
-            f"{hp.batch_size} (rows per optimizer step = batch_size x ranks x accumulation): set global_batch_size "
-            f"to a multiple of {hp.batch_size}, or 0 to use batch_size x gradient_accumulation_steps"
+            f"{hp.batch_size}{where('hyperparams.global_batch_size')} (rows per optimizer step = batch_size x ranks "
+            f"x accumulation): set global_batch_size to a multiple of {hp.batch_size}, or 0 to use batch_size x "
+            "gradient_accumulation_steps"
         )
     return problems
 

@@ -31,3 +31,8 @@ class CheckpointError(EngineError):
 class FinetuneUnsupported(EngineError):
     """Raised when a finetune mode cannot train on this worker (QLoRA without CUDA or bitsandbytes), or its adapter
     settings do not fit the model. Raised before any weight is loaded where that can be known."""
+
+
+class AttentionConfigError(EngineError):
+    """Raised when the configured attention cannot keep packed examples apart on this device or model (which would
+    let examples attend to each other), or cannot train there at all. The message names the key and the fix."""

@@ -43,6 +43,9 @@ class TrainingResult:
     val_history: list[tuple[int, float]] = field(default_factory=list)  # (global step, val loss), this job
     setup_s: float = 0.0  # run_job entry to the start of its first optimizer step
     teardown_s: float = 0.0  # end of the last optimizer step to run_job's return (final eval and save)
+    warnings: list[str] = field(default_factory=list)  # for the user: LR at 0, determinism not guaranteed, ...
+    attention: str | None = None  # the attention path that ran (engine.attention.AttentionPath, or "model")
+    loss_kernel: str | None = None  # the loss kernel that ran (engine.loss.LossKernel)
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
