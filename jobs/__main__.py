@@ -65,17 +65,23 @@ def _run(args, store) -> int:
 
     if args.command == "list":
         jobs = store.list(status=args.status)
-        print(json.dumps([j.to_dict() for j in jobs], indent=2) if args.json else job_table(jobs))
+        waits = store.waits([j.id for j in jobs if j.status.value == "queued"])
+        if args.json:
+            print(json.dumps([{**j.to_dict(), "waiting": waits[j.id].to_dict() if j.id in waits else None}
+                              for j in jobs], indent=2))
+        else:
+            print(job_table(jobs, waits))
         return 0
     if args.command == "show":
         job = store.get(args.id)
+        wait = store.runtime(job.id).waiting
         if args.json:
-            data = job.to_dict()
+            data = {**job.to_dict(), "waiting": wait.to_dict() if wait else None}
             if args.history:
                 data["history"] = store.history(job.id)
             print(json.dumps(data, indent=2))
         else:
-            print(job_view(job, plan=True))
+            print(job_view(job, plan=True, wait=wait))
             if args.history:
                 for h in store.history(job.id):
                     print(f"  {h['at']}  {h.get('from') or '-'} → {h['to']}  {h.get('reason', '')}")

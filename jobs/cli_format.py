@@ -7,6 +7,7 @@ from typing import Any
 
 from jobs.job import Job
 from jobs.job_plan import JobPlan
+from jobs.waiting import Wait, clock_time
 
 
 def _fmt(value: Any) -> str:
@@ -17,23 +18,30 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-def job_table(jobs: list[Job]) -> str:
-    rows = [("ID", "STATUS", "PRIORITY", "CAMPAIGN", "ATTEMPTS", "STEP", "LOSS")]
+def job_table(jobs: list[Job], waits: dict[str, Wait] | None = None) -> str:
+    """One row per job; a parked job's row says what it waits for."""
+    waits = waits or {}
+    rows = [("ID", "STATUS", "PRIORITY", "CAMPAIGN", "ATTEMPTS", "STEP", "LOSS", "WAITING")]
     for j in jobs:
         step = j.progress.get("step") if j.progress else j.final_step
         loss = j.progress.get("loss") if j.progress else j.final_loss
-        rows.append((j.id, j.status.value, j.priority, j.campaign_id, str(j.attempts), _fmt(step), _fmt(loss)))
+        wait = waits.get(j.id)
+        rows.append((j.id, j.status.value, j.priority, j.campaign_id, str(j.attempts), _fmt(step), _fmt(loss),
+                     wait.describe() if wait else ""))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
 
 
-def job_view(job: Job, plan: bool = False) -> str:
-    """One job's record as ``key: value`` lines, then (``plan``) what it trains."""
+def job_view(job: Job, plan: bool = False, wait: Wait | None = None) -> str:
+    """One job's record as ``key: value`` lines (with what a parked job waits for), then (``plan``) what it
+    trains."""
     lines = []
     for key, value in job.to_dict().items():
-        if key in ("metadata", "artifacts", "plan"):
+        if key in ("metadata", "artifacts", "plan", "truncation"):
             continue
         lines.append(f"{key + ':':18} {_fmt(value)}")
+        if key == "status" and wait is not None:
+            lines.append(f"{'waiting:':18} {wait.describe()} (since {clock_time(wait.since)})")
     meta = job.metadata or {}
     for key, value in (job.artifacts or {}).items():
         lines.append(f"{key + ':':18} {value}")

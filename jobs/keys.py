@@ -12,6 +12,7 @@ JOBS_ALL = PREFIX + "jobs:all"                  # zset: id → created_at (epoch
 JOBS_BY_STATUS = PREFIX + "jobs:status:{status}"  # set of ids
 JOBS_QUEUED = PREFIX + "jobs:queued"            # zset: id → priority rank * 1e12 + sequence (the order workers take)
 JOBS_UNPUBLISHED = PREFIX + "jobs:unpublished"  # zset: id → epoch seconds; created, message not known to be sent
+JOBS_WAITING = PREFIX + "jobs:waiting"          # zset: id → epoch seconds it may go (backoff) or +inf (campaign)
 JOBS_SUMMARY = PREFIX + "jobs:summary"          # hash: id → JSON of the fields `jobs plan` needs (never change)
 JOB_SEQ = PREFIX + "jobs:seq"                   # counter: enqueue order
 DATASET_OWNER = PREFIX + "dataset:{sha}"        # set of job ids holding this content (duplicate detection)
@@ -33,6 +34,7 @@ TYPES = {
     JOBS_BY_STATUS.format(status="*"): "set",
     JOBS_QUEUED: "zset",
     JOBS_UNPUBLISHED: "zset",
+    JOBS_WAITING: "zset",
     JOBS_SUMMARY: "hash",
     JOB_SEQ: "string",
     DATASET_OWNER.format(sha="*"): "set",
