@@ -20,6 +20,7 @@ CAMPAIGN_LOCK = PREFIX + "campaign:{id}:lock"   # string: holder token, with a l
 CAMPAIGN_PENDING = PREFIX + "campaign:{id}:pending"  # zset of queued/processing jobs of a campaign, queue order
 CONTROL_PAUSED = PREFIX + "control:paused"      # set of paused worker names
 WORKERS = PREFIX + "workers"                    # hash: worker name → epoch seconds of its last sign of life
+SPEEDS = PREFIX + "speeds:{hero}:{kind}"        # list of JSON speed samples of completed jobs, newest first
 DEAD_LETTERS = PREFIX + "dead-letters"          # list of JSON records of messages no worker could run
 
 PRIORITY_SCORE_SCALE = 10**12
@@ -43,4 +44,5 @@ TYPES = {
     CONTROL_PAUSED: "set",
     WORKERS: "hash",
     DEAD_LETTERS: "list",
+    SPEEDS.format(hero="*", kind="*"): "list",
 }

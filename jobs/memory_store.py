@@ -30,6 +30,7 @@ from jobs.records import (
     ServerHealth,
 )
 from jobs.retry import Action, RetryPolicy
+from jobs.speeds import SAMPLES_KEPT, SpeedSample, device_kind, sample_of
 from jobs.store import LIVE_STATUSES, RUNTIME_FIELDS, _check_owner, history_record, queue_score
 from jobs.waiting import Wait, WaitKind
 
@@ -51,6 +52,7 @@ class MemoryJobStore:
         self._owners: dict[str, set[str]] = {}
         self._unpublished: dict[str, float] = {}
         self._waiting: dict[str, Wait] = {}  # parked jobs
+        self._speeds: dict[tuple[str, str], list[SpeedSample]] = {}  # (hero, device kind) → newest first
         self._locks: dict[str, tuple[str, float]] = {}  # campaign → (token, expires at)
         self._workers: dict[str, float] = {}
         self._paused: set[str] = set()
@@ -125,6 +127,9 @@ class MemoryJobStore:
         return JobRuntime(**{k: values.get(k) for k in RUNTIME_FIELDS if k not in ("stop_request", "waiting")},
                           stop_request=StopReason(stop) if stop else None, waiting=values.get("waiting"))
 
+    def runtimes(self, ids: list[str]) -> dict[str, JobRuntime]:
+        return {job_id: self.runtime(job_id) for job_id in ids}
+
     def exists(self, job_id: str) -> bool:
         return job_id in self._jobs
 
@@ -186,6 +191,13 @@ class MemoryJobStore:
             record = history_record(job_id, job.status, target, reason, changes)
             source = job.status
             self._waiting.pop(job_id, None)
+            if target == JobStatus.COMPLETED:
+                sample = sample_of(job_id, job.started_at, changes.get("finished_at"), changes.get("trained_tokens"),
+                                   changes.get("tokens_per_sec"))
+                if sample is not None:
+                    kept = self._speeds.setdefault((job.hero_id, device_kind(self._runtime[job_id].get("worker"))), [])
+                    kept.insert(0, sample)
+                    del kept[SAMPLES_KEPT:]
             self._apply(job_id, changes)
             self._history[job_id].append(record)
             result = copy.deepcopy(self._jobs[job_id])
@@ -200,6 +212,10 @@ class MemoryJobStore:
                 self._runtime[job_id][k] = v.value if isinstance(v, StopReason) else v
             elif k in FIELDS:
                 setattr(job, k, copy.deepcopy(v))
+
+    def speed_samples(self, hero_id: str, kind: str) -> list[SpeedSample]:
+        with self._lock:
+            return list(self._speeds.get((hero_id, kind), []))
 
     def claim(self, job_id: str, worker: str, *, token: str | None = None,
               stale_after_s: float = DEFAULT_HEARTBEAT_STALE_S,

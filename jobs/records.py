@@ -10,7 +10,7 @@ from jobs.job import StopReason
 from jobs.waiting import Wait
 
 # The fields `jobs plan` needs of every queued job, kept in one hash so 10,000 jobs are read in one round trip.
-SUMMARY_FIELDS = ("priority", "num_examples", "estimated_tokens", "hero_id", "campaign_id", "created_at")
+SUMMARY_FIELDS = ("priority", "num_examples", "estimated_tokens", "hero_id", "campaign_id", "created_at", "workload")
 
 
 @dataclass(frozen=True)

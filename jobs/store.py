@@ -40,6 +40,7 @@ from jobs.records import (
     ServerHealth,
 )
 from jobs.retry import Action, RetryPolicy
+from jobs.speeds import SAMPLES_KEPT, SpeedSample, device_kind, sample_of
 from jobs.waiting import Wait, WaitKind
 
 logger = logging.getLogger(__name__)
@@ -91,6 +92,8 @@ def expected_type(key: str) -> str | None:
         return "set"
     if key.startswith(keys.DATASET_OWNER.format(sha="")):
         return "set"
+    if key.startswith(keys.SPEEDS.format(hero="", kind="").rstrip(":")):
+        return "list"
     if key.startswith(keys.PREFIX + "campaign:"):
         return "string" if key.endswith(":lock") else "zset" if key.endswith(":pending") else None
     return keys.TYPES.get(key)
@@ -269,6 +272,14 @@ class JobStore:
         values = self._redis.hmget(keys.JOB.format(id=job_id), *RUNTIME_FIELDS)
         return _runtime(dict(zip(RUNTIME_FIELDS, values)))
 
+    def runtimes(self, ids: list[str]) -> dict[str, JobRuntime]:
+        """The runtime fields of each of ``ids`` (one round trip)."""
+        with self._redis.pipeline(transaction=False) as pipe:
+            for job_id in ids:
+                pipe.hmget(keys.JOB.format(id=job_id), *RUNTIME_FIELDS)
+            rows = pipe.execute()
+        return {job_id: _runtime(dict(zip(RUNTIME_FIELDS, row))) for job_id, row in zip(ids, rows)}
+
     def exists(self, job_id: str) -> bool:
         return bool(self._redis.exists(keys.JOB.format(id=job_id)))
 
@@ -362,6 +373,8 @@ class JobStore:
                     ops("hset", job_key, *_flat_mapping({k: _encode(v) for k, v in changes.items()}))
                     ops("zrem", keys.JOBS_WAITING, job_id)
                     self._reindex(ops, job, target)
+                    if target == JobStatus.COMPLETED:
+                        self._record_speed(ops, job, data.get("worker"), changes)
                     ops("rpush", keys.JOB_HISTORY.format(id=job_id), json.dumps(record, default=str))
                     pipe.multi()
                     self._checked(pipe, ops)
@@ -388,6 +401,20 @@ class JobStore:
             ops("zadd", pending, score, job.id)
         else:
             ops("zrem", pending, job.id)
+
+    def _record_speed(self, ops: _Ops, job: Job, worker: str | None, changes: dict[str, Any]) -> None:
+        """A completed run's speed, kept with its completion (the newest SAMPLES_KEPT per hero and device)."""
+        sample = sample_of(job.id, job.started_at, changes.get("finished_at"), changes.get("trained_tokens"),
+                           changes.get("tokens_per_sec"))
+        if sample is not None:
+            key = keys.SPEEDS.format(hero=job.hero_id, kind=device_kind(worker))
+            ops("lpush", key, json.dumps(sample.to_dict()))
+            ops("ltrim", key, 0, SAMPLES_KEPT - 1)
+
+    def speed_samples(self, hero_id: str, kind: str) -> list[SpeedSample]:
+        """The newest speed samples of ``hero_id`` on workers of ``kind`` (``jobs.speeds.device_kind``)."""
+        raws = self._redis.lrange(keys.SPEEDS.format(hero=hero_id, kind=kind), 0, SAMPLES_KEPT - 1)
+        return [SpeedSample(**json.loads(r)) for r in raws]
 
     def claim(self, job_id: str, worker: str, *, token: str | None = None,
               stale_after_s: float = DEFAULT_HEARTBEAT_STALE_S,
@@ -767,7 +794,7 @@ class JobStore:
         """One line per Guild key (or priority queue) whose Redis type is wrong, saying what to do."""
         found: list[str] = []
         names = [_text(k) for k in self._redis.scan_iter(match=keys.PREFIX + "*", count=1000)]
-        checks = [(k, expected_type(k)) for k in names] + [(q, "list") for q in PRIORITIES]
+        checks = [(k, expected_type(k)) for k in names] + [(celery_key(q), "list") for q in PRIORITIES]
         checks = [(k, t) for k, t in checks if t is not None]
         for start in range(0, len(checks), 1000):
             batch = checks[start:start + 1000]

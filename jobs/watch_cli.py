@@ -12,7 +12,7 @@ import json
 import sys
 import time
 
-from jobs.cli_format import job_view
+from jobs.cli_format import duration_text, job_view
 from jobs.job import TERMINAL, Job, JobStatus
 from jobs.store import JobStore
 
@@ -151,18 +151,7 @@ def _figures(job: Job, p: dict) -> str:
     """``step 112/130 · loss 4.2031 · 3,100 tok/s · ETA 40 s`` from the job's own progress record."""
     eta = p.get("eta_s")
     return (f"step {p.get('step')}/{p.get('total_steps')} · loss {p.get('loss') or 0:.4f} · "
-            f"{p.get('tokens_per_sec') or 0:,.0f} tok/s · ETA " + ("?" if eta is None else _duration(eta)))
-
-
-def _duration(seconds: float) -> str:
-    seconds = max(0, int(round(seconds)))
-    if seconds < 60:
-        return f"{seconds} s"
-    minutes, seconds = divmod(seconds, 60)
-    if minutes < 60:
-        return f"{minutes} min {seconds:02d} s"
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours} h {minutes:02d} min"
+            f"{p.get('tokens_per_sec') or 0:,.0f} tok/s · ETA " + ("?" if eta is None else duration_text(eta)))
 
 
 def _say_still_running(store: JobStore, job_ids: list[str], stream) -> None:

@@ -280,11 +280,11 @@ def test_check_layout_names_every_wrong_key(store, redis_client):
     assert store.check_layout() == []
     redis_client.delete(keys.JOBS_SUMMARY)
     redis_client.lpush(keys.JOBS_SUMMARY, "x")
-    redis_client.hset("high", "not", "a list")
+    redis_client.hset(celery_key("high"), "not", "a list")  # the queue's list, under kombu's prefix
     problems = store.check_layout()
     assert len(problems) == 2
     assert any("guild:jobs:summary is a list, not a hash" in p for p in problems)
-    assert any("high is a hash, not a list" in p for p in problems)
+    assert any("guild-celery:high is a hash, not a list" in p for p in problems)
 
 
 def test_move_message_to_head_finds_non_ascii_ids(store, redis_client, redis_server):
