@@ -9,7 +9,8 @@ An ETA is planned from:
   own ETA, as of its last beat), and its campaign with it;
 * **campaign order**: a job starts only after the job before it in its campaign ends, whichever worker runs it;
   meanwhile a worker takes the next job it may start (as workers do: a blocked job is parked);
-* **retry backoff**: a job parked in its backoff does not start before it ends;
+* **retry backoff**: a job parked in its backoff does not start before it ends (one requeued a moment ago and not
+  yet delivered is planned as if it could start);
 * **what each job trains**: the tokens all its steps train, counted at enqueue after truncation at ``max_length``
   (``Job.workload``; jobs enqueued before it: the character estimate, labelled);
 * **measured speeds**: per hero and kind of device, the median tokens/s and fixed cost per job of the newest
@@ -62,7 +63,7 @@ def build_plan(store, settings, now: float | None = None, extra: list[dict[str, 
         rank = PRIORITY_RANK[new["priority"]]
         at = next((i for i, r in enumerate(records) if PRIORITY_RANK[r["priority"]] > rank), len(records))
         records.insert(at, new)
-    runtimes = store.runtimes([r["id"] for r in records if not r.get("new")])
+    waits = store.waiting()  # parked jobs only: a handful, where reading every queued job's runtime would be 10,000
 
     live = store.live_workers(settings.heartbeat_stale_s)
     paused = sorted(store.paused_workers() & set(live))
@@ -81,7 +82,7 @@ def build_plan(store, settings, now: float | None = None, extra: list[dict[str, 
         campaign_free[job.campaign_id] = left
         last_of_campaign[job.campaign_id] = job.id
 
-    jobs = [_row(rec, runtimes.get(rec["id"]), now) for rec in records]
+    jobs = [_row(rec, waits.get(rec["id"]), now) for rec in records]
     for row in jobs:  # campaign order: each job waits for the one before it in its campaign
         row["after"] = last_of_campaign.get(row["campaign_id"])
         last_of_campaign[row["campaign_id"]] = row["id"]
@@ -124,10 +125,9 @@ def remaining_s(job, now: float, speed: Speed) -> float | None:
     return speed.duration_s(_tokens(job.workload, job.estimated_tokens)[0])
 
 
-def _row(rec: dict[str, Any], runtime, now: float) -> dict[str, Any]:
+def _row(rec: dict[str, Any], wait, now: float) -> dict[str, Any]:
     tokens, basis = _tokens(rec.get("workload"), rec.get("estimated_tokens"))
-    wait = runtime.waiting if runtime is not None else None
-    retry_at = runtime.retry_at if runtime is not None else None
+    retry_at = wait.until if wait is not None else None
     truncation = ((rec.get("workload") or {}).get("truncation") or {})
     return {"id": rec["id"], "priority": rec["priority"], "campaign_id": rec["campaign_id"], "hero_id": rec["hero_id"],
             "num_examples": int(rec.get("num_examples") or 0), "train_tokens": tokens, "tokens_basis": basis,

@@ -13,6 +13,7 @@ from jobs.job import Job, JobStatus
 from jobs.memory_store import MemoryJobStore
 from jobs.queue_plan import build_plan
 from jobs.speeds import Speed, SpeedSample, device_kind, measured_speed, sample_of
+from jobs.waiting import Wait
 from tests.services import REPO
 
 NOW = 1_800_000_000.0
@@ -128,6 +129,7 @@ def test_a_job_in_its_retry_backoff_starts_when_it_ends(store, settings):
     store.worker_seen("gpu0@a")
     _queued(store, "b", "c")
     store.update("b", retry_at=NOW + 42)
+    assert store.park("b", Wait.for_backoff("c", until=NOW + 42))  # as its delivery does
     _queued(store, "other", "d")
     plan, jobs = _plan(store, settings)
     assert (jobs["other"]["start_s"], jobs["b"]["start_s"], jobs["b"]["eta_s"]) == (0.0, 42.0, 57.0)
