@@ -402,8 +402,8 @@ def test_tasks_show_priority_campaign_and_dataset_a_waiting_job_its_wait_and_his
     a parked job as WAITING with what it waits for (never a success), and its history after a restart
     (persistent mode, state under $GUILD_HOME/flower)."""
     standin = {"GUILD_ENGINE_FACTORY": "tests.standin_engines:steady"}
-    for name in ("gpu0@flowA", "gpu1@flowB"):
-        start_worker(name, env=standin)
+    for worker in [start_worker(name, wait_ready=False, env=standin) for name in ("gpu0@flowA", "gpu1@flowB")]:
+        worker.wait_ready()
     flower = start_flower()
     paths = {}
     for name in ("ahead", "behind"):

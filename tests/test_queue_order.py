@@ -42,8 +42,8 @@ def _active_queues(names: list[str]) -> dict[str, list[str]]:
 def test_after_pause_and_resume_every_worker_consumes_high_normal_low_in_order(run_cli, start_worker, store,
                                                                               tmp_path):
     names = ["gpu0@order", "gpu1@order"]
-    for name in names:
-        start_worker(name, env=STANDIN)
+    for worker in [start_worker(name, wait_ready=False, env=STANDIN) for name in names]:
+        worker.wait_ready()
     want = {name: ["high", "normal", "low"] for name in names}
     assert _active_queues(names) == want
     for _ in range(3):  # the order after a resume used to be a matter of chance: try it a few times

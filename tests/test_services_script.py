@@ -101,7 +101,11 @@ def test_celery_takes_a_multi_gpu_worker_name(start_worker, store, guild_env):
     from celery import Celery
 
     start_worker("gpu0-1+3@test")
+    from jobs.queues import CELERY_PREFIX
+
     app = Celery(broker=guild_env["REDIS_URL"])  # its own app: tasks.app may be bound to another Redis by now
+    # Guild's Redis user may touch only Guild's keys: the reply queue must carry kombu's prefix, as Guild's own do.
+    app.conf.broker_transport_options = {"global_keyprefix": CELERY_PREFIX}
     try:
         replies = app.control.inspect(destination=["gpu0-1+3@test"], timeout=5).ping() or {}
     finally:

@@ -38,7 +38,9 @@ def test_a_waiting_job_is_parked_says_what_it_waits_for_and_starts_when_the_job_
         run_cli, start_worker, store, tmp_path):
     # A sweep every 10 minutes: only the end of the job ahead can wake the waiting one within this test.
     env = {**STANDIN, "GUILD_SWEEP_INTERVAL_S": "600"}
-    workers = [start_worker(name, env=env) for name in ("gpu0@waitA", "gpu1@waitB")]
+    workers = [start_worker(name, wait_ready=False, env=env) for name in ("gpu0@waitA", "gpu1@waitB")]
+    for worker in workers:
+        worker.wait_ready()
     [ahead] = _enqueue(run_cli, _file(tmp_path, "ahead"), "--campaign", "shared", "--set", "max_steps=120")
     wait_until(lambda: store.get(ahead).status.value == "processing", 60, what="the job ahead to start")
     [behind] = _enqueue(run_cli, _file(tmp_path, "behind"), "--campaign", "shared", "--set", "max_steps=2")
@@ -75,7 +77,9 @@ def test_a_waiting_job_is_parked_says_what_it_waits_for_and_starts_when_the_job_
 def test_a_job_waiting_behind_a_job_whose_worker_dies_starts_after_the_recovered_job(
         run_cli, start_worker, store, tmp_path):
     env = {**STANDIN, "GUILD_HEARTBEAT_STALE_S": "3", "GUILD_SWEEP_INTERVAL_S": "1"}
-    workers = {name: start_worker(name, env=env) for name in ("gpu0@dieA", "gpu1@dieB")}
+    workers = {name: start_worker(name, wait_ready=False, env=env) for name in ("gpu0@dieA", "gpu1@dieB")}
+    for worker in workers.values():
+        worker.wait_ready()
     [ahead] = _enqueue(run_cli, _file(tmp_path, "ahead"), "--campaign", "c", "--set", "max_steps=200",
                        "--set", "save_steps=20")
     wait_until(lambda: store.get(ahead).status.value == "processing", 60, what="the job ahead to start")
