@@ -67,11 +67,14 @@ def main(argv: list[str] | None = None) -> int:
             return _export(settings, args)
         if args.command == "list":
             campaigns = store.list()
+            running = _running_jobs(settings)
             if args.json:
-                print(json.dumps([c.to_dict() for c in campaigns], indent=2))
+                print(json.dumps([{**c.to_dict(), "running": running.get(c.id)} for c in campaigns], indent=2))
             else:
                 for c in campaigns:
-                    print(f"{c.id:24} {c.hero_id:16} step {c.current_step:<8} jobs {len(c.job_ids):<5} {c.status}")
+                    now = running.get(c.id)
+                    print(f"{c.id:24} {c.hero_id:16} step {c.current_step:<8} jobs {len(c.job_ids):<5} {c.status}"
+                          + (f"  {_running_text(now)}" if now else ""))
             return 0
         if args.command == "retention":
             return _retention(store, args)
@@ -164,12 +167,16 @@ def _show(settings, store, args) -> int:
         jobs, note = None, "job states unknown (Redis unreachable): retry and running checkpoints count as full"
     usage = disk_usage(store, campaign, jobs)
     policy = policy_of(campaign)
+    running = _running_jobs(settings).get(campaign.id) if jobs is not None else None
     if args.json:
-        print(json.dumps({**campaign.to_dict(), "retention": policy.to_record(), "disk": usage.to_dict()}, indent=2))
+        print(json.dumps({**campaign.to_dict(), "running": running, "retention": policy.to_record(),
+                          "disk": usage.to_dict()}, indent=2))
         return 0
     record = campaign.to_dict()
     record["retention"] = policy.to_record()
     print_record(record)
+    if running:
+        print(f"{'running:':20} {_running_text(running)}")
     _print_disk(usage, campaign.id, note)
     return 0
 
@@ -208,6 +215,36 @@ def _export(settings, args) -> int:
     else:
         print(f"load it: AutoModelForCausalLM.from_pretrained({result.path!r})")
     return 0
+
+
+def _running_jobs(settings) -> dict[str, dict]:
+    """The running job of each campaign (one at most: the campaign lock), with its live step; {} without Redis.
+
+    ``step`` is the campaign's global step the job has reached (its live progress); ``current_step`` in
+    ``campaign.json`` moves only when a job completes.
+    """
+    try:
+        store = _job_store(settings)
+        running = store.list(status="processing")
+        runtimes = store.runtimes([j.id for j in running])
+    except Exception:  # noqa: BLE001 - the campaign records still make sense without it
+        return {}
+    found = {}
+    for job in running:
+        progress = job.progress or {}
+        found[job.campaign_id] = {"job": job.id, "worker": runtimes[job.id].worker, "start_step": job.start_step,
+                                  "step": progress.get("step"), "total_steps": progress.get("total_steps")}
+    return found
+
+
+def _running_text(running: dict) -> str:
+    """``running 2026…_a on gpu0@h: step 140/200 (this job 20 of 80)``; before its first step, ``starting``."""
+    where = f"running {running['job']} on {running['worker'] or '?'}"
+    if running["step"] is None:
+        return f"{where}: starting"
+    start = running["start_step"] or 0
+    return (f"{where}: step {running['step']}/{running['total_steps']} (this job {running['step'] - start} of "
+            f"{(running['total_steps'] or 0) - start})")
 
 
 def _job_store(settings):

@@ -138,6 +138,8 @@ class Job:
     tokens_per_sec: float | None = None
     progress: dict[str, Any] | None = None
     artifacts: dict[str, str] = field(default_factory=dict)  # files a finished job produced (loss_plot, ...)
+    # what it trains, counted at enqueue (jobs.workload.Workload.to_dict: truncation, tokens, steps); ETAs use it
+    workload: dict[str, Any] | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
     plan: JobPlan | None = None  # what it trains, resolved once at enqueue (None only for hand-made records)
 

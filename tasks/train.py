@@ -6,10 +6,12 @@ import logging
 import threading
 import time
 
+from celery.exceptions import Ignore
+
 from config.settings import get_settings
 from jobs.store import JobStore
 from tasks.app import app
-from tasks.lifecycle import JobRunner
+from tasks.lifecycle import JobRunner, Outcome, OutcomeKind
 from tasks.publish import TASK_NAME, CeleryPublisher
 
 logger = logging.getLogger(__name__)
@@ -72,6 +74,23 @@ class _ProgressEvents:
             time.sleep(self.min_interval_s)
 
 
+WAITING_STATE = "WAITING"  # the task state (result backend, Flower) of a delivery that parked its job
+
+
+def _report_waiting(task, job_id: str, outcome: Outcome) -> None:
+    """A parked job is no success: a ``task-waiting`` event (Flower shows the state WAITING and, as the task's
+    result, what it waits for) and the same state in the result backend. The message is then acked without a result
+    (``Ignore``); the job gets a new one when its turn comes (jobs/waiting.py)."""
+    wait = outcome.wait
+    fields = {"result": outcome.detail, "waiting_for": wait.after if wait else None,
+              "campaign": wait.campaign if wait else None, "until": wait.until if wait else None}
+    try:
+        task.send_event("task-waiting", **fields)
+        task.update_state(task_id=job_id, state=WAITING_STATE, meta={"waiting": outcome.detail})
+    except Exception as exc:  # noqa: BLE001 - monitoring only: the wait itself is recorded in the job store
+        logger.warning("job %s: waiting state not reported to monitoring: %s", job_id, exc)
+
+
 @app.task(name=TASK_NAME, bind=True, acks_late=True, reject_on_worker_lost=True)
 def train_job(self, job_id: str) -> dict:
     """Train the dataset of job ``job_id``; the Job record (and its frozen plan) in Redis says everything."""
@@ -82,6 +101,9 @@ def train_job(self, job_id: str) -> dict:
     finally:
         events.close()
     logger.info("job %s: %s %s", job_id, outcome.action, outcome.detail)
+    if outcome.action is OutcomeKind.WAITING:
+        _report_waiting(self, job_id, outcome)
+        raise Ignore()
     if outcome.replace_worker:
         # The job is recorded as failed. Leaving this child makes the pool start a fresh one (with a fresh CUDA
         # context); Celery reports the exit as a lost worker and requeues the message, which the next worker drops
