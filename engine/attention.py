@@ -157,8 +157,9 @@ def install(model, *, packed: bool) -> bool:
             "row would attend to each other (transformers infers boundaries from position ids only at batch size "
             "1, and never for flash kernels). Set data.enable_packing=false to train one example per row"
         )
-    logger.warning("%s keeps its own attention (%s); rows are unpacked, which it handles exactly", type(model).__name__,
-                   reason)
+    logger.warning(
+        "%s keeps its own attention (%s); rows are unpacked, which it handles exactly", type(model).__name__, reason
+    )
     return False
 
 
@@ -350,7 +351,11 @@ def _flex(query, key, value, layout: DocumentLayout, scaling) -> torch.Tensor:
     # FlexAttention wants one dtype for q, k and v; under autocast the projections may differ (rotary in fp32).
     dtype = _compute_dtype(query, value)
     return kernel(
-        query.to(dtype), key.to(dtype), value.to(dtype), block_mask=block_mask, scale=scaling,
+        query.to(dtype),
+        key.to(dtype),
+        value.to(dtype),
+        block_mask=block_mask,
+        scale=scaling,
         enable_gqa=_gqa(query, key),
     )
 
@@ -368,7 +373,15 @@ def _flash_varlen(query, key, value, layout: DocumentLayout, scaling) -> torch.T
     kind, kernel, params = _VARLEN if _VARLEN is not None else _varlen_kernel()
     if kind == "flash_attn":
         out = kernel(
-            q, k, v, cu, cu, longest, longest, softmax_scale=scaling, causal=True,
+            q,
+            k,
+            v,
+            cu,
+            cu,
+            longest,
+            longest,
+            softmax_scale=scaling,
+            causal=True,
             deterministic=torch.are_deterministic_algorithms_enabled(),
         )
     else:

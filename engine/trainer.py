@@ -315,7 +315,12 @@ class TrainerEngine:
             """The micro-batches of job step ``step`` (runs on the prefetch thread)."""
             return [
                 self._batch(
-                    data.rows, data.train, order.micro_batch(step * ga + a), data.pad_id, path, fixed_length,
+                    data.rows,
+                    data.train,
+                    order.micro_batch(step * ga + a),
+                    data.pad_id,
+                    path,
+                    fixed_length,
                     fixed_rows,
                 )
                 for a in range(ga)
@@ -327,9 +332,7 @@ class TrainerEngine:
         trained_tokens = 0
         log_every = 1 if self.verbose else max(1, (end_step - global_step) // 10)
         pending: PendingStep | None = None
-        prefetch = BatchPrefetcher(
-            build, job_step, job_step + end_step - global_step, pin=self.device.type == "cuda"
-        )
+        prefetch = BatchPrefetcher(build, job_step, job_step + end_step - global_step, pin=self.device.type == "cuda")
 
         def report(done: PendingStep) -> bool:
             """Read a step's loss back; record and report it. False when it was not finite (then it was skipped
@@ -396,7 +399,11 @@ class TrainerEngine:
                         break
 
                 done = PendingStep(
-                    global_step + 1, lr_at(global_step, hp), sum(b.num_tokens for b in batches), step_loss, n_loss,
+                    global_step + 1,
+                    lr_at(global_step, hp),
+                    sum(b.num_tokens for b in batches),
+                    step_loss,
+                    n_loss,
                     grad_norm,
                 )
                 if not defer and not done.finite():  # this optimizer cannot skip on the device: look first
@@ -496,7 +503,10 @@ class TrainerEngine:
         batch = collate([rows[r] for r in picked], examples, pad_id, length, num_rows)
         if path is not None:
             batch.layout = layout_for(
-                path, batch.documents, batch.input_ids.shape[1], batch.example_index,
+                path,
+                batch.documents,
+                batch.input_ids.shape[1],
+                batch.example_index,
                 compiled=path is AttentionPath.FLEX,
             )
         return batch

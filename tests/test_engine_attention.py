@@ -185,7 +185,10 @@ def test_a_job_reports_its_attention_path(tiny_hero_dir, tmp_path):
     from engine.trainer import TrainerEngine
 
     result = TrainerEngine().run_job(
-        chat_examples(), small_config(max_steps=1, attention="sdpa_dense"), model_path=str(tiny_hero_dir),
-        checkpoint_dir=tmp_path, run_id="dense",
+        chat_examples(),
+        small_config(max_steps=1, attention="sdpa_dense"),
+        model_path=str(tiny_hero_dir),
+        checkpoint_dir=tmp_path,
+        run_id="dense",
     )
     assert (result.status, result.attention, result.loss_kernel) == ("completed", "sdpa_dense", "chunked")
