@@ -364,8 +364,8 @@ def _flash_varlen(query, key, value, layout: DocumentLayout, scaling) -> torch.T
     """Flatten (B, H, S, D) to (B*S, H, D) and attend within each cu_seqlens segment; returns (B, S, H, D)."""
     rows, heads, width, dim = query.shape
     dtype = _compute_dtype(query, value)
-    if dtype not in (torch.float16, torch.bfloat16):
-        dtype = torch.bfloat16
+    if query.is_cuda and dtype not in (torch.float16, torch.bfloat16):
+        dtype = torch.bfloat16  # flash kernels take half precision only
     q = query.transpose(1, 2).reshape(rows * width, heads, dim).to(dtype)
     k = key.transpose(1, 2).reshape(rows * width, key.shape[1], dim).to(dtype)
     v = value.transpose(1, 2).reshape(rows * width, value.shape[1], value.shape[-1]).to(dtype)
