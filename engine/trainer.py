@@ -247,6 +247,11 @@ class TrainerEngine:
         )
         if not install(model, packed=data.packed):
             path = None  # the model's own attention, on unpacked rows
+        if self.compile and path is AttentionPath.PER_DOCUMENT:
+            warnings.append(
+                "hyperparams.attention=per_document slices rows at each example's length, so compiled layers "
+                "recompile for new lengths; with TrainerEngine(compile=True) use hyperparams.attention=auto"
+            )
         kernel = choose_loss_kernel(hp.loss_kernel, self.device)
         logger.info(
             "run %s: steps %d -> %d (job step %d), %d train rows, %d val examples, attention %s, cross-entropy %s, "
