@@ -258,6 +258,11 @@ class TrainerEngine:
         )
         if not install(model, packed=data.packed):
             path = None  # the model's own attention, on unpacked rows
+        if self.compile and path is AttentionPath.PER_DOCUMENT:
+            warnings.append(
+                "hyperparams.attention=per_document slices rows at each example's length, so compiled layers "
+                "recompile for new lengths; with TrainerEngine(compile=True) use hyperparams.attention=auto"
+            )
         kernel = choose_loss_kernel(hp.loss_kernel, self.device)
         logger.info(
             "run %s: steps %d -> %d (job step %d), %d train rows, %d val examples, attention %s, cross-entropy %s, "
@@ -326,7 +331,12 @@ class TrainerEngine:
             """The micro-batches of job step ``step`` (runs on the prefetch thread)."""
             return [
                 self._batch(
-                    data.rows, data.train, order.micro_batch(step * ga + a), data.pad_id, path, fixed_length,
+                    data.rows,
+                    data.train,
+                    order.micro_batch(step * ga + a),
+                    data.pad_id,
+                    path,
+                    fixed_length,
                     fixed_rows,
                 )
                 for a in range(ga)
@@ -338,9 +348,7 @@ class TrainerEngine:
         trained_tokens = 0
         log_every = 1 if self.verbose else max(1, (end_step - global_step) // 10)
         pending: PendingStep | None = None
-        prefetch = BatchPrefetcher(
-            build, job_step, job_step + end_step - global_step, pin=self.device.type == "cuda"
-        )
+        prefetch = BatchPrefetcher(build, job_step, job_step + end_step - global_step, pin=self.device.type == "cuda")
 
         def report(done: PendingStep) -> bool:
             """Read a step's loss back; record and report it. False when it was not finite (then it was skipped
@@ -407,7 +415,11 @@ class TrainerEngine:
                         break
 
                 done = PendingStep(
-                    global_step + 1, lr_at(global_step, hp), sum(b.num_tokens for b in batches), step_loss, n_loss,
+                    global_step + 1,
+                    lr_at(global_step, hp),
+                    sum(b.num_tokens for b in batches),
+                    step_loss,
+                    n_loss,
                     grad_norm,
                 )
                 if not defer and not done.finite():  # this optimizer cannot skip on the device: look first
@@ -507,7 +519,10 @@ class TrainerEngine:
         batch = collate([rows[r] for r in picked], examples, pad_id, length, num_rows)
         if path is not None:
             batch.layout = layout_for(
-                path, batch.documents, batch.input_ids.shape[1], batch.example_index,
+                path,
+                batch.documents,
+                batch.input_ids.shape[1],
+                batch.example_index,
                 compiled=path is AttentionPath.FLEX,
             )
         return batch
