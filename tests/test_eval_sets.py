@@ -9,6 +9,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from campaigns.errors import CampaignError
 from tests.services import REPO
 
 EXAMPLES = REPO / "examples"
@@ -132,3 +135,44 @@ def test_eval_set_commands_do_not_import_torch(guild_env, tmp_path):
                          timeout=120)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "no evaluation recorded yet" in out.stdout
+
+
+def test_samples_and_compare_text(guild_home, tmp_path):
+    """What `campaigns samples` and `campaigns compare` print, from a log and a comparison made by hand."""
+    from campaigns.campaign import CampaignStore, new_campaign
+    from campaigns.compare import Comparison, ModelRef, Side
+    from campaigns.eval_set import EvalSet, record_change
+    from campaigns.eval_view import collect_samples, format_comparison, format_samples
+    from campaigns.evaluations import append_evaluation, read_log
+    from engine.eval_plan import EvalPoint, Probe, ProbeAnswer
+    from heroes.profile import load_hero
+
+    hero = load_hero("tiny-qwen3", guild_home)
+    campaign = new_campaign(guild_home, hero, "view", {})
+    probes = tmp_path / "probes.jsonl"
+    probes.write_text(json.dumps(Probe((("user", "2+2?"),), "4").to_line()) + "\n")
+    eval_set = EvalSet("ab" * 32, str(tmp_path / "e.jsonl"), "/data/e.jsonl", "messages", 3, 90, True, 128,
+                       "cd" * 32, str(probes), 1, "eval file")
+    record_change(campaign, eval_set)
+    CampaignStore(guild_home).create(campaign)
+    directory = CampaignStore(guild_home).directory("tiny-qwen3", "view")
+    for step, text in ((0, ""), (2, "5"), (4, "5"), (4, "4"), (6, "4\nfour")):  # step 4 written twice: the last wins
+        append_evaluation(directory, "job-1", EvalPoint(step, 3.0 - step / 10, 3, 42, 0.1, eval_set.sha256,
+                                                         (ProbeAnswer(0, text, 2, step != 6),)))
+    view = collect_samples(CampaignStore(guild_home).get("view"), read_log(directory))
+    text = format_samples("view", view)
+    assert "eval set abababababab (/data/e.jsonl) · 4 evaluations, steps 0-6" in text
+    assert 'probe 0 (line 1): "2+2?"' in text and 'reference  "4"' in text
+    assert 'step        2  "5"' in text and 'step        4  "4"' in text and "(same as before)" not in text
+    assert 'step        6  "4\\nfour" [cut at max_new_tokens]' in text
+    with pytest.raises(CampaignError, match="--prompt 3: the campaign's evaluations have probes 0 to 0"):
+        collect_samples(CampaignStore(guild_home).get("view"), read_log(directory), prompt=3)
+
+    ref = ModelRef("view@base", campaign, hero, None, 0)
+    other = ModelRef("view", campaign, hero, Path("/ck/step-00006"), 6)
+    result = Comparison("/data/e.jsonl", eval_set.sha256, 128, (Probe((("user", "2+2?"),), "4"),),
+                        Side(ref, EvalPoint(0, 3.0, 3, 42, 0.5, "x", (ProbeAnswer(0, "", 2, False),)), 90),
+                        Side(other, EvalPoint(6, 2.5, 3, 42, 0.4, "x", (ProbeAnswer(0, "4", 2, True),)), 90))
+    shown = format_comparison(result)
+    assert "A: view@base" in shown and "B: view" in shown and "(B - A: -0.5000)" in shown
+    assert '  A: ""' in shown and '  B: "4"' in shown and "reference: \"4\"" in shown
