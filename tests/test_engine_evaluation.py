@@ -117,3 +117,30 @@ def test_run_job_evaluates_at_start_every_eval_steps_and_at_the_end(tiny_hero_di
                               device=torch.device("cpu"), chat=None)
     assert again.answers == result.eval_history[-1].answers
     assert again.loss == pytest.approx(result.final_eval_loss, rel=1e-5)
+
+
+@pytest.mark.gpu
+def test_on_a_gpu_evaluation_leaves_training_alone_and_answers_come_back(tiny_hero_dir, eval_file, tmp_path):
+    """CUDA: the fixed set evaluated beside the GPU attention paths (flash_varlen or flex), generation switching
+    attention to SDPA and back, bf16 autocast. Run: .venv/bin/python -m pytest -q -m gpu tests/test_engine_evaluation.py
+    """
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs an NVIDIA GPU")
+    from transformers import AutoTokenizer
+
+    config = small_config(max_steps=4, eval_steps=2, max_length=64)
+    plain = TrainerEngine(device="cuda").run_job(chat_examples(), config, model_path=str(tiny_hero_dir),
+                                                 checkpoint_dir=tmp_path / "plain", run_id="job")
+    result = TrainerEngine(device="cuda").run_job(chat_examples(), config, model_path=str(tiny_hero_dir),
+                                                  checkpoint_dir=tmp_path / "gpu", run_id="job",
+                                                  evaluation=_spec(eval_file, at_start=True))
+    assert result.attention in ("flash_varlen", "flex") and [p.step for p in result.eval_history] == [0, 2, 4]
+    assert [loss for _, loss in result.loss_history] == pytest.approx([loss for _, loss in plain.loss_history],
+                                                                      abs=1e-3)
+    model, _ = load_eval_model(str(tiny_hero_dir), result.checkpoint_path, torch.device("cuda"))
+    again, _ = evaluate_model(model, AutoTokenizer.from_pretrained(tiny_hero_dir), _spec(eval_file), step=4,
+                              device=torch.device("cuda"), chat=None)
+    assert again.loss == pytest.approx(result.final_eval_loss, rel=2e-2)
+    assert [a.text for a in again.answers] == [a.text for a in result.eval_history[-1].answers]
