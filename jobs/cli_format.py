@@ -48,9 +48,27 @@ def job_view(job: Job, plan: bool = False, wait: Wait | None = None) -> str:
     for key in ("checkpoint", "source_path", "num_truncated", "num_dropped"):
         if meta.get(key) is not None:
             lines.append(f"{key + ':':18} {_fmt(meta[key])}")
+    lines += _eval_lines(meta)
     if plan and job.plan is not None:
         lines.append(plan_view(job.plan))
     return "\n".join(line.rstrip() for line in lines)
+
+
+def _eval_lines(meta: dict[str, Any]) -> list[str]:
+    """The campaign eval set the job evaluated on and its figures at each evaluation (campaigns.eval_set)."""
+    eval_set = meta.get("eval_set")
+    if not eval_set:
+        return []
+    lines = [f"{'eval_set:':18} {str(eval_set.get('sha256'))[:12]} {eval_set.get('source')} "
+             f"({eval_set.get('num_examples')} examples, max_length {eval_set.get('max_length')}, "
+             f"{eval_set.get('num_probes', 0)} probes)"]
+    points = meta.get("eval_history") or []
+    if points:
+        lines.append(f"{'eval_points:':18} " + " · ".join(f"step {p['step']} {p['loss']:.4f} ({p['seconds']:.2f} s)"
+                                                          for p in points[-12:]))
+        lines.append(f"{'eval_tokens:':18} {points[-1]['num_loss_tokens']} loss tokens over "
+                     f"{points[-1]['num_examples']} examples at every evaluation")
+    return lines
 
 
 def plan_view(plan: JobPlan) -> str:

@@ -18,6 +18,7 @@ from engine.formats import DatasetError
 from jobs.control import preempt_low_if_needed
 from jobs.datasets import store_dataset
 from jobs.errors import DuplicateDataset
+from jobs.eval_sets import check_enqueue as check_eval_budget
 from jobs.job import Job, make_job_id
 from jobs.job_plan import JobPlan, resolve_plan
 from jobs.publisher import Publisher
@@ -109,7 +110,8 @@ def plan_request(settings: Settings, request: SubmitRequest):
     """The target (hero, campaign) and the frozen plan of a submission; nothing is created.
 
     Raises:
-        ConfigError, HeroError, CampaignError, PlanMismatch (the campaign's locked block differs from the hero's).
+        ConfigError, HeroError, CampaignError, PlanMismatch (the campaign's locked block differs from the hero's),
+        EvalBudgetExceeded (the campaign's eval set is over this job's hyperparams.eval_max_tokens).
     """
     target = find_target(settings.guild_home, request.hero_id, request.campaign)
     overrides = target.campaign.config_overrides if target.campaign is not None else None
@@ -118,6 +120,7 @@ def plan_request(settings: Settings, request: SubmitRequest):
     plan = resolve_plan(settings.guild_home, target.hero, target.name, overrides, request.sets)
     if target.campaign is not None:
         plan.check_locked(target.campaign.id, target.campaign.locked)
+        check_eval_budget(target.campaign, plan)  # the campaign's eval set must fit this job's eval_max_tokens
     return target, plan
 
 

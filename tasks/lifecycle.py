@@ -39,6 +39,8 @@ from jobs.retention import apply_retention
 from jobs.retry import Action, RetryPolicy
 from jobs.waiting import Wait
 from tasks.engines import Engine, ResumePoint, load_engine
+from tasks.evaluation import METADATA_KEY as EVAL_SET_KEY
+from tasks.evaluation import EvalReporter, job_evaluation
 
 logger = logging.getLogger(__name__)
 PARK_TRIES = 3  # a job whose turn comes while it is being parked looks again, this many times
@@ -273,17 +275,22 @@ class JobRunner:
             # Bounded disk: a job that could not write its checkpoints fails now, with what it needs and the fix.
             ensure_checkpoint_space(prep.checkpoint_dir, prep.campaign, prep.model_path,
                                     job.plan.config.hyperparams.save_total_limit)
+            # The campaign's eval set: the current one at the job's first start, then always that one.
+            evaluation = job_evaluation(job, prep.campaign, prep.resume.path, prep.resume.step, prep.checkpoint_dir)
             self.store.update(job.id, owner=token, start_step=prep.resume.step,
                               metadata={**job.metadata,
-                                        "resume_from": str(prep.resume.path) if prep.resume.path else None})
+                                        "resume_from": str(prep.resume.path) if prep.resume.path else None,
+                                        EVAL_SET_KEY: evaluation.record})
             from tasks.tracking import CampaignTracker
 
             tracker = CampaignTracker(prep.checkpoint_dir.parent.parent, job.id)
+            evals = EvalReporter(prep.checkpoint_dir.parent.parent, job.id, evaluation.spec, tracker)
             started = time.time()
             result = self.engine.run_job(
-                job.dataset_path, job.plan.config, self._progress_callback(job, beat, tracker), beat.should_stop,
-                model_path=prep.model_path, checkpoint_dir=prep.checkpoint_dir, resume_from=prep.resume.path,
-                run_id=job.id, enable_packing=self.settings.enable_packing, chat=job.plan.hero.chat_options)
+                job.dataset_path, job.plan.config, self._progress_callback(job, beat, tracker, evals),
+                beat.should_stop, model_path=prep.model_path, checkpoint_dir=prep.checkpoint_dir,
+                resume_from=prep.resume.path, run_id=job.id, enable_packing=self.settings.enable_packing,
+                chat=job.plan.hero.chat_options, evaluation=evaluation.spec, on_eval=evals.on_eval)
             logger.info("job %s: engine returned %s after %.1f s", job.id, result.status, time.time() - started)
             return self._finish(job, token, prep, tracker, result, beat, lock, republish)
         except NotOwner as exc:
@@ -308,8 +315,9 @@ class JobRunner:
         finally:
             beat.stop()
 
-    def _progress_callback(self, job: Job, beat: _Beat, tracker):
-        """``on_progress`` for the engine: memory only, never raises into training."""
+    def _progress_callback(self, job: Job, beat: _Beat, tracker, evals: EvalReporter | None = None):
+        """``on_progress`` for the engine: memory only, never raises into training. The latest evaluation
+        (``evals.latest``: eval_step, eval_loss, sample) rides along with every progress report."""
         state = {"started": False, "warned": False}
 
         def on_progress(step, total_steps, loss, lr, tokens_per_sec, eta_s):
@@ -320,7 +328,8 @@ class JobRunner:
                     state["started"] = True
                     self._prepare_next_in_background(job)
                 beat.progress = {"step": step, "total_steps": total_steps, "loss": loss, "lr": lr,
-                                 "tokens_per_sec": tokens_per_sec, "eta_s": eta_s, "updated_at": time.time()}
+                                 "tokens_per_sec": tokens_per_sec, "eta_s": eta_s, "updated_at": time.time(),
+                                 **(evals.latest if evals is not None else {})}
                 tracker.log({"train/loss": loss, "train/lr": lr, "train/tokens_per_sec": tokens_per_sec}, step)
                 if self._emit is not None:
                     self._emit(beat.progress)
@@ -380,12 +389,14 @@ class JobRunner:
         fields = {"final_step": result.final_step, "final_loss": result.final_loss,
                   "final_val_loss": result.final_val_loss, "trained_tokens": result.trained_tokens,
                   "tokens_per_sec": result.tokens_per_sec, "start_step": result.start_step,
+                  "final_eval_loss": result.final_eval_loss, "train_s": result.train_s, "eval_s": result.eval_s,
                   "finished_at": utc_now(), "progress": None, "artifacts": artifacts,
                   "metadata": {**self.store.get(job.id).metadata, "checkpoint": result.checkpoint_path,
                                "num_truncated": result.num_truncated, "num_dropped": result.num_dropped,
                                "num_train_examples": result.num_train_examples,
                                "num_val_examples": result.num_val_examples,
-                               "loss_history": result.loss_history[-2000:], "val_history": result.val_history}}
+                               "loss_history": result.loss_history[-2000:], "val_history": result.val_history,
+                               "eval_history": [p.to_dict(answers=False) for p in result.eval_history]}}
         if status is TrainingStatus.COMPLETED:
             return self._complete(job, token, result, fields, lock, republish)
         if status is TrainingStatus.STOPPED:

@@ -64,11 +64,17 @@ class _ProgressEvents:
                 continue
             summary = (f"step {progress['step']}/{progress['total_steps']} · loss {progress['loss'] or 0:.4f} · "
                        f"{progress['tokens_per_sec'] or 0:.0f} tok/s · ETA {progress['eta_s'] or 0:.0f} s")
+            if progress.get("eval_loss") is not None:  # the campaign's eval set (tasks.evaluation.EvalReporter)
+                summary += f" · eval {progress['eval_loss']:.4f} @ {progress['eval_step']}"
+                if progress.get("sample"):
+                    summary += f" · answer: {progress['sample']!r}"
             try:
                 with self.app.events.default_dispatcher(hostname=self.hostname) as dispatcher:
                     dispatcher.send("task-progress", uuid=self.task_id, result=summary, step=progress["step"],
                                     total_steps=progress["total_steps"], loss=progress["loss"],
-                                    tokens_per_sec=progress["tokens_per_sec"], eta_s=progress["eta_s"])
+                                    tokens_per_sec=progress["tokens_per_sec"], eta_s=progress["eta_s"],
+                                    eval_loss=progress.get("eval_loss"), eval_step=progress.get("eval_step"),
+                                    sample=progress.get("sample"))
             except Exception as exc:  # noqa: BLE001 - monitoring must never stop training
                 logger.debug("progress event not sent: %s", exc)
             time.sleep(self.min_interval_s)
