@@ -45,9 +45,11 @@ def job_view(job: Job, plan: bool = False, wait: Wait | None = None) -> str:
     meta = job.metadata or {}
     for key, value in (job.artifacts or {}).items():
         lines.append(f"{key + ':':18} {value}")
-    for key in ("checkpoint", "source_path", "num_truncated", "num_dropped"):
+    for key in ("checkpoint", "source_path", "num_truncated", "num_dropped", "attention", "loss_kernel"):
         if meta.get(key) is not None:
             lines.append(f"{key + ':':18} {_fmt(meta[key])}")
+    for warning in meta.get("engine_warnings") or []:
+        lines.append(f"{'warning:':18} {warning}")
     lines += _eval_lines(meta)
     if plan and job.plan is not None:
         lines.append(plan_view(job.plan))

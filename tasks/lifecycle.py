@@ -395,6 +395,8 @@ class JobRunner:
                                "num_truncated": result.num_truncated, "num_dropped": result.num_dropped,
                                "num_train_examples": result.num_train_examples,
                                "num_val_examples": result.num_val_examples,
+                               "attention": result.attention, "loss_kernel": result.loss_kernel,
+                               "engine_warnings": list(result.warnings),
                                "loss_history": result.loss_history[-2000:], "val_history": result.val_history,
                                "eval_history": [p.to_dict(answers=False) for p in result.eval_history]}}
         if status is TrainingStatus.COMPLETED:

@@ -16,6 +16,7 @@ import redis
 
 from campaigns.campaign import CampaignStore
 from config.settings import Settings
+from jobs.cli_format import job_view
 from jobs.job import JobStatus
 from jobs.memory_store import MemoryJobStore
 from jobs.submit import SubmitRequest, submit
@@ -250,6 +251,27 @@ def test_a_job_completes_and_advances_its_campaign(settings, store, home):
     assert campaign.current_step == 4 and campaign.latest_checkpoint == job.metadata["checkpoint"]
     assert campaign.latest_checkpoint.endswith("step-00004") and campaign.job_ids == [job_id]
     assert [h["to"] for h in store.history(job_id)] == ["queued", "processing", "completed"]
+
+
+class ReportingEngine(Engine):
+    """Returns what the torch engine reports beside the figures: the attention path, loss kernel, warnings."""
+
+    def run_job(self, *args, **kw):
+        result = super().run_job(*args, **kw)
+        result.attention, result.loss_kernel = "per_document", "chunked"
+        result.warnings = ["warmup_steps=0 with decay_steps=0: the LR is 0 from the first step"]
+        return result
+
+
+def test_what_the_engine_ran_and_its_warnings_reach_the_record_and_jobs_show(settings, store):
+    job_id = _enqueue(settings, store, sets={"max_steps": "2"})
+    assert _runner(settings, store, ReportingEngine()).run(job_id, Publisher()).action is OutcomeKind.COMPLETED
+    job = store.get(job_id)
+    assert (job.metadata["attention"], job.metadata["loss_kernel"]) == ("per_document", "chunked")
+    assert job.metadata["engine_warnings"] == ["warmup_steps=0 with decay_steps=0: the LR is 0 from the first step"]
+    shown = job_view(job).splitlines()
+    assert "attention:         per_document" in shown and "loss_kernel:       chunked" in shown
+    assert "warning:           warmup_steps=0 with decay_steps=0: the LR is 0 from the first step" in shown
 
 
 def test_the_worker_trains_the_plan_frozen_at_enqueue(settings, store, home):
