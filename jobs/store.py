@@ -45,6 +45,7 @@ logger = logging.getLogger(__name__)
 
 # kept in the job's hash beside the Job fields, not part of the record
 RUNTIME_FIELDS = ("worker", "heartbeat_at", "retry_at", "claim", "stop_request")
+CAMPAIGN_HEAD_CHUNK = 4  # pending entries read at a time when looking for a campaign's head
 LIVE_STATUSES = (JobStatus.QUEUED, JobStatus.PROCESSING, JobStatus.COMPLETED)  # hold their content (duplicates)
 
 # Socket settings of the clients: a worker must never hang on a half-open connection (it would stop beating).
@@ -532,15 +533,25 @@ class JobStore:
         return [_text(i) for i in self._redis.zrange(keys.CAMPAIGN_PENDING.format(id=campaign_id), 0, -1)]
 
     def campaign_head(self, campaign_id: str) -> str | None:
-        """The campaign's first queued job (the one that may start next), or None when none is queued."""
-        ids = self.campaign_pending(campaign_id)
-        if not ids:
-            return None
-        with self._redis.pipeline(transaction=False) as pipe:
-            for job_id in ids:
-                pipe.hget(keys.JOB.format(id=job_id), "status")
-            statuses = pipe.execute()
-        return next((i for i, s in zip(ids, statuses) if s and json.loads(s) == JobStatus.QUEUED.value), None)
+        """The campaign's first queued job (the one that may start next), or None when none is queued.
+
+        Read a few entries at a time: the pending set holds at most one processing job before its head, so the
+        first read almost always finds it, however long the campaign's backlog (every delivery asks this).
+        """
+        key = keys.CAMPAIGN_PENDING.format(id=campaign_id)
+        start = 0
+        while True:
+            ids = [_text(i) for i in self._redis.zrange(key, start, start + CAMPAIGN_HEAD_CHUNK - 1)]
+            if not ids:
+                return None
+            with self._redis.pipeline(transaction=False) as pipe:
+                for job_id in ids:
+                    pipe.hget(keys.JOB.format(id=job_id), "status")
+                statuses = pipe.execute()
+            head = next((i for i, s in zip(ids, statuses) if s and json.loads(s) == JobStatus.QUEUED.value), None)
+            if head is not None:
+                return head
+            start += CAMPAIGN_HEAD_CHUNK
 
     def acquire_campaign_lock(self, campaign_id: str, token: str, lease_s: float) -> bool:
         """Take the campaign's lease lock for ``token`` (False when someone else holds it)."""
