@@ -202,9 +202,21 @@ class JobRunner:
                 logger.warning("job %s: could not release the campaign lock: %s", job_id, exc)
 
     def _defer(self, job: Job, republish: Publisher, why: str, delay_s: float = DEFAULT_DEFER_DELAY_S) -> Outcome:
-        time.sleep(max(delay_s, 0.0))
-        republish(job.id, job.priority)
+        self._resend(job, republish, before=lambda: time.sleep(max(delay_s, 0.0)))
         return Outcome(OutcomeKind.DEFERRED, why)
+
+    def _resend(self, job: Job, republish: Publisher, before=None, at_head: bool = False) -> None:
+        """Run ``before`` (a pause, the transition back to queued), then send the job's message again.
+
+        The delivery being handled is acked when the task ends, even when it fails: from here until the new message
+        is out, the job has none. It is marked unpublished first, so if the send (or ``before``) fails, say Redis was
+        killed meanwhile, the sweep sends it later instead of the job waiting forever in ``queued``.
+        """
+        self.store.mark_unpublished(job.id)
+        if before is not None:
+            before()
+        republish(job.id, job.priority, at_head=at_head)
+        self.store.mark_published([job.id])
 
     def _train(self, job: Job, token: str, lock: CampaignLock, republish: Publisher) -> Outcome:
         from engine.errors import DatasetInvalid
@@ -378,9 +390,9 @@ class JobRunner:
         fields = {**fields, "finished_at": None}
 
         def requeue():
-            self.store.transition(job.id, JobStatus.QUEUED, owner=token, reason=reason, fields=fields,
-                                  update=lambda j: {"attempts": max(j.attempts - 1, 0)})
-            republish(job.id, job.priority, at_head=True)
+            self._resend(job, republish, at_head=True, before=lambda: self.store.transition(
+                job.id, JobStatus.QUEUED, owner=token, reason=reason, fields=fields,
+                update=lambda j: {"attempts": max(j.attempts - 1, 0)}))
 
         return self._end(job, requeue, Outcome(OutcomeKind.REQUEUED, reason))
 
@@ -400,10 +412,10 @@ class JobRunner:
         """Requeue after a transient failure, not to start before ``delay_s`` (the policy's backoff)."""
 
         def requeue():
-            self.store.transition(job.id, JobStatus.QUEUED, owner=token,
-                                  reason=f"attempt {job.attempts} failed ({text[:300]}); retry in {delay_s:.0f} s",
-                                  fields={"last_error": text, "progress": None, "retry_at": time.time() + delay_s})
-            republish(job.id, job.priority)
+            self._resend(job, republish, before=lambda: self.store.transition(
+                job.id, JobStatus.QUEUED, owner=token,
+                reason=f"attempt {job.attempts} failed ({text[:300]}); retry in {delay_s:.0f} s",
+                fields={"last_error": text, "progress": None, "retry_at": time.time() + delay_s}))
 
         return self._end(job, requeue, Outcome(OutcomeKind.REQUEUED, f"transient: {text}"))
 

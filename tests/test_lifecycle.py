@@ -16,7 +16,7 @@ import redis
 
 from campaigns.campaign import CampaignStore
 from config.settings import Settings
-from jobs.job import JobStatus
+from jobs.job import JobStatus, StopReason
 from jobs.memory_store import MemoryJobStore
 from jobs.submit import SubmitRequest, submit
 from tasks.engines import StandInEngine
@@ -351,3 +351,43 @@ def test_a_store_outage_mid_job_costs_nothing(settings, store):
     assert flaky.failed == 10, "the outage did not happen while the job ran"
     assert outcome.action is OutcomeKind.COMPLETED and job.attempts == 1 and job.final_step == 150
     assert [h["to"] for h in store.history(job_id)] == ["queued", "processing", "completed"]
+
+
+class BrokerDown(Publisher):
+    def __call__(self, job_id, priority, at_head=False):
+        raise redis.ConnectionError("Error 111 connecting to 127.0.0.1:6379. Connection refused.")
+
+
+@pytest.mark.parametrize("why", ["not its turn", "stepping aside"])
+def test_a_message_that_cannot_be_sent_again_is_sent_by_the_sweep(settings, store, clock, why):
+    """The delivery being handled is acked even when the task fails: a deferral or a step aside whose new message
+    cannot go out (Redis killed meanwhile) must not leave the job queued with no message, forever. The fleet
+    benchmark lost 11 jobs (4 of them their campaign's next, so 4 campaigns stalled) to a Redis kill -9 this way."""
+    from tasks.sweeper import sweep_once
+
+    first = _enqueue(settings, store, sets={"max_steps": "200"})
+    second = _enqueue(settings, store, path=EXAMPLES / "messages.jsonl")
+    # the first job goes first, so the second is deferred; or the first is paused mid-job and steps aside
+    job_id = second if why == "not its turn" else first
+    engine = Engine(steps_s=0.005, on_step=lambda step: store.request_stop(first, StopReason.PAUSE))
+    runner = _runner(settings, store, engine, beat_s=0.01)
+    if why == "not its turn":
+        with pytest.raises(redis.ConnectionError):  # the task fails; its delivery is acked all the same
+            runner.run(job_id, BrokerDown())
+    else:
+        runner.run(job_id, BrokerDown())  # the crash handler finds the job already back in the queue
+    assert store.get(job_id).status is JobStatus.QUEUED
+    assert store.unpublished(0) == [job_id]
+    resent = Publisher()
+    assert sweep_once(store, settings.heartbeat_stale_s, resent) == [] and resent.sent == []  # not stale yet
+    clock.now += settings.heartbeat_stale_s
+    sweep_once(store, settings.heartbeat_stale_s, resent)
+    assert resent.sent == [(job_id, "normal", False)] and store.unpublished(0) == []
+
+
+def test_a_deferral_that_sends_its_message_leaves_nothing_to_resend(settings, store):
+    _enqueue(settings, store)
+    second = _enqueue(settings, store, path=EXAMPLES / "messages.jsonl")
+    sent = Publisher()
+    assert _runner(settings, store, Engine()).run(second, sent).action is OutcomeKind.DEFERRED
+    assert sent.sent == [(second, "normal", False)] and store.unpublished(0) == []
