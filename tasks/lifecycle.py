@@ -176,6 +176,10 @@ class JobRunner:
         # A job may start only when it is the first queued job of its campaign and it holds the campaign lock;
         # otherwise it goes back to its queue after a short pause, so this worker can take other campaigns' jobs.
         if job.status == JobStatus.QUEUED:
+            # This delivery holds the job's only message, and it is acked when the task ends, even when it fails
+            # (Redis killed mid-way): until the job is claimed or its message sent again, it is marked unpublished,
+            # so the sweep sends it again if neither happens (this worker killed, Redis killed).
+            self.store.mark_unpublished(job_id)
             retry_at = self.store.runtime(job_id).retry_at
             if retry_at and retry_at > time.time():
                 return self._defer(job, republish, "waiting for its retry backoff",
@@ -192,6 +196,7 @@ class JobRunner:
             claimed = self.store.claim(job_id, self.worker_name, token=token,
                                        stale_after_s=self.settings.heartbeat_stale_s,
                                        policy=RetryPolicy.for_job(job))
+            self.store.mark_published([job_id])  # processing (a lost run is the sweep's), or not this delivery's
             if claimed is None:
                 return Outcome(OutcomeKind.DROPPED, "already running elsewhere or finished")
             return self._train(claimed, token, lock, republish)
@@ -209,8 +214,9 @@ class JobRunner:
         """Run ``before`` (a pause, the transition back to queued), then send the job's message again.
 
         The delivery being handled is acked when the task ends, even when it fails: from here until the new message
-        is out, the job has none. It is marked unpublished first, so if the send (or ``before``) fails, say Redis was
-        killed meanwhile, the sweep sends it later instead of the job waiting forever in ``queued``.
+        is out, the job has none. It is marked unpublished first (again, for a deferral), so if the send (or
+        ``before``) fails, say Redis was killed meanwhile, the sweep sends it later instead of the job waiting forever
+        in ``queued``.
         """
         self.store.mark_unpublished(job.id)
         if before is not None:

@@ -23,13 +23,15 @@ logger = logging.getLogger(__name__)
 def sweep_once(store, stale_after_s: float, republish: Publisher) -> list[str]:
     """Take over every processing job with a stale heartbeat (and resend lost messages). Returns their ids."""
     recovered = []
-    # An enqueue that died between a job's record and its message (Redis or the CLI killed) left it queued with
-    # no message: send it. If the message did go out, the duplicate is harmless (the claim is atomic).
+    # An enqueue that died between a job's record and its message (Redis or the CLI killed), or a delivery that died
+    # before claiming its job or sending its message again (Redis or the worker killed), left it queued with no
+    # message: send it. If the message did go out, the duplicate is harmless (the claim is atomic).
     for job_id in store.unpublished(stale_after_s):
         try:
             job = store.get(job_id)
             if job.status == JobStatus.QUEUED:
-                logger.warning("sweep: job %s was enqueued without its message; sending it", job_id)
+                logger.warning("sweep: job %s is queued without a message (its enqueue or a delivery died before "
+                               "sending it); sending it", job_id)
                 republish(job_id, job.priority)
         except GuildError:  # rolled back since
             pass

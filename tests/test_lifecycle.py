@@ -21,6 +21,7 @@ from jobs.memory_store import MemoryJobStore
 from jobs.submit import SubmitRequest, submit
 from tasks.engines import StandInEngine
 from tasks.lifecycle import JobRunner, OutcomeKind
+from tasks.sweeper import sweep_once
 from tests.services import REPO
 
 EXAMPLES = REPO / "examples"
@@ -179,6 +180,7 @@ def test_a_job_completes_and_advances_its_campaign(settings, store, home):
     assert campaign.current_step == 4 and campaign.latest_checkpoint == job.metadata["checkpoint"]
     assert campaign.latest_checkpoint.endswith("step-00004") and campaign.job_ids == [job_id]
     assert [h["to"] for h in store.history(job_id)] == ["queued", "processing", "completed"]
+    assert store.unpublished(0) == []  # nothing for the sweep to send
 
 
 def test_the_worker_trains_the_plan_frozen_at_enqueue(settings, store, home):
@@ -363,8 +365,6 @@ def test_a_message_that_cannot_be_sent_again_is_sent_by_the_sweep(settings, stor
     """The delivery being handled is acked even when the task fails: a deferral or a step aside whose new message
     cannot go out (Redis killed meanwhile) must not leave the job queued with no message, forever. The fleet
     benchmark lost 11 jobs (4 of them their campaign's next, so 4 campaigns stalled) to a Redis kill -9 this way."""
-    from tasks.sweeper import sweep_once
-
     first = _enqueue(settings, store, sets={"max_steps": "200"})
     second = _enqueue(settings, store, path=EXAMPLES / "messages.jsonl")
     # the first job goes first, so the second is deferred; or the first is paused mid-job and steps aside
@@ -383,6 +383,32 @@ def test_a_message_that_cannot_be_sent_again_is_sent_by_the_sweep(settings, stor
     clock.now += settings.heartbeat_stale_s
     sweep_once(store, settings.heartbeat_stale_s, resent)
     assert resent.sent == [(job_id, "normal", False)] and store.unpublished(0) == []
+
+
+class ClaimDown:
+    """The memory store, whose claim fails like a Redis killed between a worker taking a message and claiming."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def claim(self, *args, **kwargs):
+        raise redis.ConnectionError("Connection closed by server.")
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def test_a_delivery_that_dies_before_its_claim_leaves_the_job_to_the_sweep(settings, store, clock):
+    job_id = _enqueue(settings, store)
+    with pytest.raises(redis.ConnectionError):
+        _runner(settings, ClaimDown(store), Engine()).run(job_id, Publisher())
+    assert store.get(job_id).status is JobStatus.QUEUED and store.unpublished(0) == [job_id]
+    clock.now += settings.heartbeat_stale_s
+    resent = Publisher()
+    sweep_once(store, settings.heartbeat_stale_s, resent)
+    assert resent.sent == [(job_id, "normal", False)]
+    assert _runner(settings, store, Engine()).run(job_id, Publisher()).action is OutcomeKind.COMPLETED
+    assert store.unpublished(0) == []
 
 
 def test_a_deferral_that_sends_its_message_leaves_nothing_to_resend(settings, store):
