@@ -21,6 +21,10 @@ CONTROL_PAUSED = PREFIX + "control:paused"      # set of paused worker names
 WORKERS = PREFIX + "workers"                    # hash: worker name → epoch seconds of its last sign of life
 DEAD_LETTERS = PREFIX + "dead-letters"          # list of JSON records of messages no worker could run
 
+# kombu's (Celery's Redis transport's) own keys in the same Redis, read by the store to recover stranded messages.
+KOMBU_UNACKED = "unacked"  # hash: delivery tag → JSON [message, exchange, routing key], taken by a worker, not acked
+KOMBU_UNACKED_INDEX = "unacked_index"  # zset: delivery tag → epoch seconds when a worker took it
+
 PRIORITY_SCORE_SCALE = 10**12
 DEAD_LETTERS_KEPT = 1000  # the newest this many; older ones are trimmed
 

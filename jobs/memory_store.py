@@ -398,6 +398,10 @@ class MemoryJobStore:
         with self._lock:
             return {q: len(self.messages[q]) for q in PRIORITIES}
 
+    def restore_stranded(self, older_than_s: float) -> list[str]:
+        """No broker here: nothing is ever stranded."""
+        return []
+
     def move_message_to_head(self, queue: str, job_id: str) -> bool:
         with self._lock:
             waiting = self.messages.setdefault(queue, [])

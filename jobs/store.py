@@ -645,6 +645,42 @@ class JobStore:
             counts = pipe.execute()
         return dict(zip(PRIORITIES, (int(c) for c in counts)))
 
+    def restore_stranded(self, older_than_s: float) -> list[str]:
+        """Put back in its queue the message of every queued job that a worker took more than ``older_than_s`` ago
+        and never acked: kombu keeps a taken message in its ``unacked`` hash until the task ends, and gives it back
+        only after the visibility timeout (days). A delivery of a queued job claims it or sends its message again
+        within seconds, so a message that old was stranded: the broker connection broke between kombu taking it and
+        the task starting (a Redis restart), or the worker died. Messages of processing jobs (their running
+        delivery) are left alone. Returns the ids of the jobs whose message went back, at the head of its queue, as
+        kombu's own restore does."""
+        tags = self._redis.zrangebyscore(keys.KOMBU_UNACKED_INDEX, "-inf", self._clock() - older_than_s)
+        if not tags:
+            return []
+        entries = [json.loads(raw) if raw else None for raw in self._redis.hmget(keys.KOMBU_UNACKED, tags)]
+        candidates = [(tag, entry) for tag, entry in zip(tags, entries) if entry and _message_job(entry[0])]
+        with self._redis.pipeline(transaction=False) as pipe:
+            for _tag, entry in candidates:
+                pipe.hget(keys.JOB.format(id=_message_job(entry[0])), "status")
+            statuses = pipe.execute()
+        restored = []
+        for (tag, entry), status in zip(candidates, statuses):
+            if status is None or json.loads(status) != JobStatus.QUEUED.value or entry[2] not in PRIORITIES:
+                continue
+            with self._redis.pipeline() as pipe:
+                try:
+                    pipe.watch(keys.KOMBU_UNACKED)  # a late ack or kombu's own restore wins
+                    if pipe.hget(keys.KOMBU_UNACKED, tag) is None:
+                        continue
+                    pipe.multi()
+                    pipe.rpush(_kombu_queue(entry[2]), json.dumps(entry[0]))
+                    pipe.hdel(keys.KOMBU_UNACKED, tag)
+                    pipe.zrem(keys.KOMBU_UNACKED_INDEX, tag)
+                    pipe.execute()
+                    restored.append(_message_job(entry[0]))
+                except redis.WatchError:
+                    continue
+        return restored
+
     def move_message_to_head(self, queue: str, job_id: str) -> bool:
         """Put the waiting message of ``job_id`` before every other of ``queue``; False when it is not there."""
         raw = f'"id": "{job_id}"'
@@ -699,6 +735,18 @@ class JobStore:
 
 
 # ------------------------------------------------------------------------------------------------ helpers
+
+
+def _kombu_queue(name: str) -> str:
+    """The Redis list of kombu's queue ``name`` (a Celery ``global_keyprefix`` would go here)."""
+    return name
+
+
+def _message_job(message: dict) -> str | None:
+    """The job id of a Celery message (its task id), or None for something else."""
+    headers = message.get("headers") if isinstance(message, dict) else None
+    job_id = headers.get("id") if isinstance(headers, dict) else None
+    return job_id if isinstance(job_id, str) else None
 
 
 def _flat_mapping(mapping: dict[str, str]) -> list[str]:

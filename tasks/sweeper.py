@@ -6,6 +6,11 @@ the sweep notices within ``GUILD_HEARTBEAT_STALE_S`` instead and takes the job o
 (``JobStore.take_over_stale``: back to ``queued``, or ``failed`` when its retry policy has no attempt left),
 then sends its message again. The claim in the job store makes sure that, whichever message arrives, a job never
 runs twice at once.
+
+Two more ways a queued job can be left without a message, both repaired here: a delivery that died before claiming
+its job or sending its message again (marked unpublished by the worker: sent again), and a message kombu took for a
+worker that never ran it (the broker connection broke in between): it waits in kombu's ``unacked`` hash for the
+visibility timeout, so the sweep puts it back in its queue (``JobStore.restore_stranded``).
 """
 
 from __future__ import annotations
@@ -36,6 +41,10 @@ def sweep_once(store, stale_after_s: float, republish: Publisher) -> list[str]:
         except GuildError:  # rolled back since
             pass
         store.mark_published([job_id])
+    # A message a worker took but neither ran nor acked (the broker connection broke in between, or the worker died)
+    # waits in kombu's unacked hash for the visibility timeout (days): put it back in its queue.
+    for job_id in store.restore_stranded(stale_after_s):
+        logger.warning("sweep: the message of job %s was stranded in a dead delivery; back in its queue", job_id)
     for job_id in store.stale_processing(stale_after_s):
         try:
             status = store.take_over_stale(job_id, stale_after_s, resend=True)

@@ -288,3 +288,31 @@ def test_finding_a_campaigns_head_costs_the_same_whatever_its_backlog(store, red
     assert head_cost() == (jobs[59].id, 3)
     store.transition(jobs[59].id, JobStatus.CANCELLED)
     assert head_cost() == (None, 3)
+
+
+def test_a_message_stranded_in_a_dead_delivery_goes_back_to_its_queue(store, redis_client, redis_server):
+    # What kombu leaves when the broker connection breaks between taking a message and running its task (the fleet
+    # benchmark's Redis kill -9): the message in its unacked hash, not in any queue, until the visibility timeout.
+    from celery import Celery
+
+    queued, running, recent = (store.create(_job(f"20260101T000000_{n}", priority="high", campaign=n), f"sha-{n}")
+                               for n in ("queued", "running", "recent"))
+    store.claim(running.id, "gpu0@test")
+    app = Celery("t", broker=redis_server.url, set_as_current=False)
+    try:
+        for job in (queued, running, recent):
+            app.send_task("guild.train", args=[job.id], task_id=job.id, queue="high", routing_key="high")
+    finally:
+        app.close()
+    now = store._clock()
+    for tag, (job, age) in enumerate(((queued, 100), (running, 100), (recent, 5))):
+        raw = redis_client.rpop("high")  # taken by a worker (in sending order)...
+        assert json.loads(raw)["headers"]["id"] == job.id
+        redis_client.hset(keys.KOMBU_UNACKED, f"tag-{tag}", json.dumps([json.loads(raw), "high", "high"]))
+        redis_client.zadd(keys.KOMBU_UNACKED_INDEX, {f"tag-{tag}": now - age})  # ...that long ago, never acked
+
+    assert store.restore_stranded(60) == [queued.id]
+    assert [json.loads(m)["headers"]["id"] for m in redis_client.lrange("high", 0, -1)] == [queued.id]
+    assert sorted(k.decode() for k in redis_client.hkeys(keys.KOMBU_UNACKED)) == ["tag-1", "tag-2"]
+    assert redis_client.zscore(keys.KOMBU_UNACKED_INDEX, "tag-0") is None
+    assert store.restore_stranded(60) == []  # once
