@@ -199,7 +199,7 @@ class MemoryJobStore:
 
     def claim(self, job_id: str, worker: str, *, token: str | None = None,
               stale_after_s: float = DEFAULT_HEARTBEAT_STALE_S,
-              policy: RetryPolicy | None = None) -> Job | None:
+              policy: RetryPolicy | None = None, lock_token: str | None = None) -> Job | None:
         job = self.get(job_id)
         if job.status == JobStatus.PROCESSING and self.take_over_stale(job_id, stale_after_s, policy) is not \
                 JobStatus.QUEUED:
@@ -208,7 +208,7 @@ class MemoryJobStore:
             return self.transition(
                 job_id, JobStatus.PROCESSING, expected={JobStatus.QUEUED}, reason=f"claimed by {worker}",
                 fields={"started_at": utc_now(), "finished_at": None, "worker": worker, "heartbeat_at": self._clock(),
-                        "claim": token or uuid.uuid4().hex, "stop_request": None},
+                        "claim": token or uuid.uuid4().hex, "stop_request": None, "campaign_lock": lock_token},
                 update=lambda j: {"attempts": j.attempts + 1})
         except IllegalTransition:
             return None
@@ -230,11 +230,16 @@ class MemoryJobStore:
                 text = f"{reason}; {decision.reason}"
                 self.transition(job_id, JobStatus.FAILED, reason=text,
                                 fields={"last_error": text, "finished_at": utc_now(), "progress": None})
-                return JobStatus.FAILED
-            if resend:
-                self.mark_unpublished(job_id)
-            self.transition(job_id, JobStatus.QUEUED, reason=reason, fields={"progress": None, "last_error": reason})
-            return JobStatus.QUEUED
+                status = JobStatus.FAILED
+            else:
+                if resend:
+                    self.mark_unpublished(job_id)
+                self.transition(job_id, JobStatus.QUEUED, reason=reason,
+                                fields={"progress": None, "last_error": reason})
+                status = JobStatus.QUEUED
+            if rt.campaign_lock:
+                self.release_campaign_lock(job.campaign_id, rt.campaign_lock)
+            return status
 
     def update(self, job_id: str, *, owner: str | None = None, **fields: Any) -> None:
         if "status" in fields:

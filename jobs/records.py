@@ -22,6 +22,7 @@ class JobRuntime:
         retry_at: epoch seconds before which a requeued job must not start again (backoff).
         claim: the token of the run that owns the job now; every write of a run carries it (a fencing token).
         stop_request: what an operator (or the queue) asked the running job to do at its next step.
+        campaign_lock: the token of the campaign lock the run holds; a takeover releases that lock.
     """
 
     worker: str | None = None
@@ -29,6 +30,7 @@ class JobRuntime:
     retry_at: float | None = None
     claim: str | None = None
     stop_request: StopReason | None = None
+    campaign_lock: str | None = None
 
 
 @dataclass(frozen=True)

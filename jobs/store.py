@@ -44,7 +44,7 @@ from jobs.retry import Action, RetryPolicy
 logger = logging.getLogger(__name__)
 
 # kept in the job's hash beside the Job fields, not part of the record
-RUNTIME_FIELDS = ("worker", "heartbeat_at", "retry_at", "claim", "stop_request")
+RUNTIME_FIELDS = ("worker", "heartbeat_at", "retry_at", "claim", "stop_request", "campaign_lock")
 CAMPAIGN_HEAD_CHUNK = 4  # pending entries read at a time when looking for a campaign's head
 LIVE_STATUSES = (JobStatus.QUEUED, JobStatus.PROCESSING, JobStatus.COMPLETED)  # hold their content (duplicates)
 
@@ -388,8 +388,9 @@ class JobStore:
 
     def claim(self, job_id: str, worker: str, *, token: str | None = None,
               stale_after_s: float = DEFAULT_HEARTBEAT_STALE_S,
-              policy: RetryPolicy | None = None) -> Job | None:
+              policy: RetryPolicy | None = None, lock_token: str | None = None) -> Job | None:
         """Take a queued job for ``worker``: queued → processing, attempts + 1, ``started_at`` now, claim ``token``.
+        ``lock_token`` is the campaign lock the run holds: a takeover of the job releases it.
 
         A job processing under a worker whose heartbeat is older than ``stale_after_s`` is first taken over
         (:meth:`take_over_stale`: requeued, or failed when the retry policy has no attempt left). Returns None when
@@ -404,7 +405,7 @@ class JobStore:
             return self.transition(
                 job_id, JobStatus.PROCESSING, expected={JobStatus.QUEUED}, reason=f"claimed by {worker}",
                 fields={"started_at": utc_now(), "finished_at": None, "worker": worker, "heartbeat_at": self._clock(),
-                        "claim": token or uuid.uuid4().hex, "stop_request": None},
+                        "claim": token or uuid.uuid4().hex, "stop_request": None, "campaign_lock": lock_token},
                 update=lambda j: {"attempts": j.attempts + 1})
         except IllegalTransition:
             return None
@@ -412,7 +413,9 @@ class JobStore:
     def take_over_stale(self, job_id: str, stale_after_s: float, policy: RetryPolicy | None = None,
                         resend: bool = False) -> JobStatus | None:
         """A processing job whose worker has been silent for ``stale_after_s``: back to queued, or failed when its
-        retry policy (``RetryPolicy.for_job`` unless given) says no attempt is left.
+        retry policy (``RetryPolicy.for_job`` unless given) says no attempt is left. The campaign lock the lost run
+        held is released with it: the lease outlives the stale window (so no other job of the campaign can start
+        while the lost one is still processing), and the campaign's next job need not wait for it to lapse.
 
         Args:
             resend: the caller sends the job's message again afterwards: mark it unpublished in the same
@@ -442,14 +445,18 @@ class JobStore:
                 text = f"{reason}; {decision.reason}"
                 self.transition(job_id, JobStatus.FAILED, guard=still_stale, reason=text,
                                 fields={"last_error": text, "finished_at": utc_now(), "progress": None})
-                return JobStatus.FAILED
-            if resend:
-                self.mark_unpublished(job_id)
-            self.transition(job_id, JobStatus.QUEUED, guard=still_stale, reason=reason,
-                            fields={"progress": None, "last_error": reason})
-            return JobStatus.QUEUED
+                status = JobStatus.FAILED
+            else:
+                if resend:
+                    self.mark_unpublished(job_id)
+                self.transition(job_id, JobStatus.QUEUED, guard=still_stale, reason=reason,
+                                fields={"progress": None, "last_error": reason})
+                status = JobStatus.QUEUED
         except IllegalTransition:
             return None
+        if rt.campaign_lock:
+            self.release_campaign_lock(job.campaign_id, rt.campaign_lock)
+        return status
 
     def update(self, job_id: str, *, owner: str | None = None, **fields: Any) -> None:
         """Write non-status fields (``status`` goes through :meth:`transition`).
@@ -763,7 +770,7 @@ def _runtime_of(decoded: dict[str, Any]) -> JobRuntime:
     stop = decoded.get("stop_request")
     return JobRuntime(worker=decoded.get("worker"), heartbeat_at=decoded.get("heartbeat_at"),
                       retry_at=decoded.get("retry_at"), claim=decoded.get("claim"),
-                      stop_request=StopReason(stop) if stop else None)
+                      stop_request=StopReason(stop) if stop else None, campaign_lock=decoded.get("campaign_lock"))
 
 
 def _stop_reason(raw) -> StopReason | None:

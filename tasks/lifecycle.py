@@ -186,16 +186,19 @@ class JobRunner:
                                    min(DEFAULT_DEFER_DELAY_S, retry_at - time.time()))
             if self.store.campaign_head(job.campaign_id) not in (None, job_id):
                 return self._defer(job, republish, "an earlier job of its campaign goes first")
-        # The lease matches the heartbeat window: a worker silent that long loses its job and its lock together.
+        # The lease outlives the heartbeat window by a sweep round: a worker silent for the window loses its job to
+        # the sweep, which releases the lock with it; had the lease lapsed first, the campaign's next job could
+        # start while the lost one is still processing, and both would train from the same campaign step.
         lock = CampaignLock(self.store, job.campaign_id, holder=f"{self.worker_name}:{job_id}",
-                            lease_s=self.settings.heartbeat_stale_s)
+                            lease_s=self.settings.heartbeat_stale_s
+                            + max(self.settings.heartbeat_stale_s, self.settings.sweep_interval_s))
         if not lock.acquire():
             return self._defer(job, republish, f"campaign {job.campaign_id} is busy ({lock.holder()})")
         try:
             token = uuid.uuid4().hex
             claimed = self.store.claim(job_id, self.worker_name, token=token,
                                        stale_after_s=self.settings.heartbeat_stale_s,
-                                       policy=RetryPolicy.for_job(job))
+                                       policy=RetryPolicy.for_job(job), lock_token=lock.token)
             self.store.mark_published([job_id])  # processing (a lost run is the sweep's), or not this delivery's
             if claimed is None:
                 return Outcome(OutcomeKind.DROPPED, "already running elsewhere or finished")

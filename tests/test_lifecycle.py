@@ -417,3 +417,32 @@ def test_a_deferral_that_sends_its_message_leaves_nothing_to_resend(settings, st
     sent = Publisher()
     assert _runner(settings, store, Engine()).run(second, sent).action is OutcomeKind.DEFERRED
     assert sent.sent == [(second, "normal", False)] and store.unpublished(0) == []
+
+
+def test_a_lost_workers_campaign_stays_locked_until_the_sweep_takes_its_job_over(settings, store, clock, home):
+    """A worker dies mid-job (its job stays processing until a sweep sees its stale heartbeat). The campaign's next
+    job must not start in between: both would train from the same campaign step, and the lost job, resumed later,
+    would overwrite the next one's progress (the fleet benchmark found 3 campaigns 10 steps short this way)."""
+    from campaigns.lock import CampaignLock
+
+    first = _enqueue(settings, store, sets={"max_steps": "4"})
+    second = _enqueue(settings, store, path=EXAMPLES / "messages.jsonl", sets={"max_steps": "4"})
+    runner = _runner(settings, store, Engine())
+    campaign = store.get(first).campaign_id
+    # what a worker that took the first job and was then killed leaves behind: the claim and the campaign lock
+    dead = CampaignLock(store, campaign, holder=f"gpu9@t:{first}", lease_s=runner_lease(settings))
+    assert dead.acquire() and store.claim(first, "gpu9@t", lock_token=dead.token) is not None
+    clock.now += settings.heartbeat_stale_s + 1  # its heartbeat is stale: no sweep has run yet
+    assert runner.run(second, Publisher()).action is OutcomeKind.DEFERRED  # the campaign is still held
+    assert store.get(second).status is JobStatus.QUEUED
+    assert sweep_once(store, settings.heartbeat_stale_s, Publisher()) == [first]  # taken over, its lock released
+    assert store.campaign_lock_holder(campaign) is None
+    assert runner.run(second, Publisher()).action is OutcomeKind.DEFERRED  # the lost job goes first
+    assert runner.run(first, Publisher()).action is OutcomeKind.COMPLETED
+    assert runner.run(second, Publisher()).action is OutcomeKind.COMPLETED
+    assert CampaignStore(home).get(campaign).current_step == 8
+    assert (store.get(first).start_step, store.get(second).start_step) == (0, 4)
+
+
+def runner_lease(settings) -> float:
+    return settings.heartbeat_stale_s + max(settings.heartbeat_stale_s, settings.sweep_interval_s)

@@ -100,6 +100,23 @@ def test_claim_takes_over_a_job_whose_worker_died(any_store):
     assert any_store.beat(job.id, "t2", {"step": 3}).owned and any_store.get(job.id).progress == {"step": 3}
 
 
+def test_a_takeover_releases_the_campaign_lock_of_the_lost_run(any_store):
+    job = any_store.create(_job(), "x")
+    assert any_store.acquire_campaign_lock("c1", "w1:job|lost", 200)
+    any_store.claim(job.id, "w1", token="t1", lock_token="w1:job|lost")
+    assert any_store.runtime(job.id).campaign_lock == "w1:job|lost"
+    any_store.clock.now += 61  # stale, the lease not lapsed
+    assert any_store.campaign_lock_holder("c1") == "w1:job|lost"
+    assert any_store.take_over_stale(job.id, 60) is JobStatus.QUEUED
+    assert any_store.campaign_lock_holder("c1") is None
+    # a lock someone else holds by then is left alone
+    any_store.claim(job.id, "w2", token="t2", lock_token="w2:job|gone")
+    assert any_store.acquire_campaign_lock("c1", "w3:other|now", 200)
+    any_store.clock.now += 61
+    assert any_store.take_over_stale(job.id, 60) is JobStatus.QUEUED
+    assert any_store.campaign_lock_holder("c1") == "w3:other|now"
+
+
 def test_a_takeover_costs_no_extra_attempt_and_fails_past_max_attempts(any_store):
     job = any_store.create(_job(), "x")
     policy = RetryPolicy(max_attempts=2)
