@@ -30,7 +30,7 @@ from jobs.records import (
     ServerHealth,
 )
 from jobs.retry import Action, RetryPolicy
-from jobs.store import LIVE_STATUSES, RUNTIME_FIELDS, _check_owner, history_record, queue_score
+from jobs.store import LIVE_STATUSES, RUNTIME_FIELDS, _check_owner, campaign_score, history_record, queue_score
 
 logger = logging.getLogger(__name__)
 DEAD_LETTERS_KEPT = 1000
@@ -301,7 +301,12 @@ class MemoryJobStore:
     def campaign_pending(self, campaign_id: str) -> list[str]:
         with self._lock:
             active = [j for j in self._jobs.values() if j.campaign_id == campaign_id and j.status in ACTIVE]
-        return [j.id for j in sorted(active, key=lambda j: (self._score(j), j.id))]
+        return [j.id for j in sorted(active, key=lambda j: (self._campaign_score(j), j.id))]
+
+    @staticmethod
+    def _campaign_score(job: Job) -> float:
+        resuming = job.status == JobStatus.QUEUED and job.start_step is not None
+        return campaign_score(job.priority, int(job.metadata.get("seq", 0)), resuming)
 
     def campaign_head(self, campaign_id: str) -> str | None:
         with self._lock:

@@ -45,6 +45,7 @@ logger = logging.getLogger(__name__)
 
 # kept in the job's hash beside the Job fields, not part of the record
 RUNTIME_FIELDS = ("worker", "heartbeat_at", "retry_at", "claim", "stop_request", "campaign_lock")
+RESUMING_BAND = 10 * keys.PRIORITY_SCORE_SCALE  # a resuming job sorts before every priority in its campaign
 CAMPAIGN_HEAD_CHUNK = 4  # pending entries read at a time when looking for a campaign's head
 LIVE_STATUSES = (JobStatus.QUEUED, JobStatus.PROCESSING, JobStatus.COMPLETED)  # hold their content (duplicates)
 
@@ -72,6 +73,14 @@ def _text(value: bytes | str) -> str:
 def queue_score(priority: str, seq: int) -> float:
     """Where a job sorts among queued ones: priority first, then enqueue order."""
     return PRIORITY_RANK[priority] * keys.PRIORITY_SCORE_SCALE + seq
+
+
+def campaign_score(priority: str, seq: int, resuming: bool) -> float:
+    """Where a job sorts among its campaign's pending jobs. One that has trained already (paused, preempted, retried,
+    taken over after its worker died: ``start_step`` is set) resumes before any other job of its campaign, whatever
+    their priorities: it continues from its own checkpoint, which another job trained in between would turn into a
+    fork of the campaign (that job's training lost from it). Then priority, then enqueue order."""
+    return queue_score(priority, seq) - (RESUMING_BAND if resuming else 0)
 
 
 def history_record(job_id: str, source: JobStatus | None, target: JobStatus, reason: str,
@@ -358,7 +367,7 @@ class JobStore:
                     record = history_record(job_id, job.status, target, reason, changes)
                     ops = _Ops()
                     ops("hset", job_key, *_flat_mapping({k: _encode(v) for k, v in changes.items()}))
-                    self._reindex(ops, job, target)
+                    self._reindex(ops, job, target, resuming=changes.get("start_step", job.start_step) is not None)
                     ops("rpush", keys.JOB_HISTORY.format(id=job_id), json.dumps(record, default=str))
                     pipe.multi()
                     self._checked(pipe, ops)
@@ -372,7 +381,7 @@ class JobStore:
                     setattr(job, k, v)
             return job
 
-    def _reindex(self, ops: _Ops, job: Job, target: JobStatus) -> None:
+    def _reindex(self, ops: _Ops, job: Job, target: JobStatus, resuming: bool = False) -> None:
         ops("srem", keys.JOBS_BY_STATUS.format(status=job.status.value), job.id)
         ops("sadd", keys.JOBS_BY_STATUS.format(status=target.value), job.id)
         score = repr(queue_score(job.priority, int(job.metadata.get("seq", 0))))
@@ -382,7 +391,9 @@ class JobStore:
             ops("zrem", keys.JOBS_QUEUED, job.id)
         pending = keys.CAMPAIGN_PENDING.format(id=job.campaign_id)
         if target in ACTIVE:
-            ops("zadd", pending, score, job.id)
+            seq = int(job.metadata.get("seq", 0))
+            ops("zadd", pending, repr(campaign_score(job.priority, seq, resuming and target == JobStatus.QUEUED)),
+                job.id)
         else:
             ops("zrem", pending, job.id)
 

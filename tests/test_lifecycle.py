@@ -446,3 +446,28 @@ def test_a_lost_workers_campaign_stays_locked_until_the_sweep_takes_its_job_over
 
 def runner_lease(settings) -> float:
     return settings.heartbeat_stale_s + max(settings.heartbeat_stale_s, settings.sweep_interval_s)
+
+
+def test_a_job_that_stepped_aside_resumes_before_a_higher_job_of_its_campaign(settings, store, home):
+    """A low job is paused at step 4 while a high job of its campaign arrives. The low job must finish first: it
+    resumes from its own checkpoint, and had the high job trained in between, that checkpoint would be a fork of
+    the campaign and the high job's training lost from it (campaign step 10 instead of 20)."""
+    low = _enqueue(settings, store, priority="low", sets={"max_steps": "10", "save_steps": "2"})
+    high = {}
+
+    def arrive_and_pause(step):
+        if step == 4 and not high:
+            high["id"] = _enqueue(settings, store, path=EXAMPLES / "messages.jsonl", priority="high",
+                                  sets={"max_steps": "10"})
+            store.request_stop(low, StopReason.PAUSE)
+
+    runner = _runner(settings, store, Engine(steps_s=0.02, on_step=arrive_and_pause), beat_s=0.01)
+    assert runner.run(low, Publisher()).action is OutcomeKind.REQUEUED
+    store.clear_stop(low)
+    campaign = store.get(low).campaign_id
+    assert store.campaign_head(campaign) == low  # not the high job
+    assert runner.run(high["id"], Publisher()).action is OutcomeKind.DEFERRED
+    assert runner.run(low, Publisher()).action is OutcomeKind.COMPLETED
+    assert runner.run(high["id"], Publisher()).action is OutcomeKind.COMPLETED
+    assert (store.get(low).final_step, store.get(high["id"]).start_step) == (10, 10)
+    assert CampaignStore(home).get(campaign).current_step == 20

@@ -100,6 +100,21 @@ def test_claim_takes_over_a_job_whose_worker_died(any_store):
     assert any_store.beat(job.id, "t2", {"step": 3}).owned and any_store.get(job.id).progress == {"step": 3}
 
 
+def test_a_job_that_has_trained_goes_first_in_its_campaign(any_store):
+    low = any_store.create(_job("20260101T000000_low", priority="low"), "a")
+    any_store.claim(low.id, "w1", token="t1")
+    any_store.update(low.id, owner="t1", start_step=0)  # it trained (checkpoints of its own)
+    high = any_store.create(_job("20260101T000000_high", priority="high"), "b")
+    any_store.transition(low.id, JobStatus.QUEUED, owner="t1", reason="paused")
+    assert any_store.campaign_head("c1") == low.id and any_store.campaign_pending("c1") == [low.id, high.id]
+    assert any_store.queued_in_order() == [high.id, low.id]  # the queues' order is unchanged
+    fresh = any_store.create(_job("20260101T000000_fresh", priority="low", campaign="c2"), "c")
+    any_store.claim(fresh.id, "w2", token="t2")  # taken, then lost before it trained: no checkpoint of its own
+    other = any_store.create(_job("20260101T000000_other", priority="high", campaign="c2"), "d")
+    any_store.transition(fresh.id, JobStatus.QUEUED, owner="t2", reason="lost")
+    assert any_store.campaign_head("c2") == other.id
+
+
 def test_a_takeover_releases_the_campaign_lock_of_the_lost_run(any_store):
     job = any_store.create(_job(), "x")
     assert any_store.acquire_campaign_lock("c1", "w1:job|lost", 200)
