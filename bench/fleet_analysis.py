@@ -41,6 +41,7 @@ _LINE = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}): (\w+)/([\w-]+)
 _RECEIVED = re.compile(r"Task guild\.train\[([^\]]+)\] received")
 _SUCCEEDED = re.compile(r"Task guild\.train\[([^\]]+)\] succeeded in [\d.e-]+s: (.*)$")
 _RAISED = re.compile(r"Task guild\.train\[([^\]]+)\] raised")
+_REJECTED = re.compile(r"Task guild\.train\[([^\]]+)\] reject")  # a delivery Redis broke: its message given back
 _READY = re.compile(r"(\S+) ready\.$")
 
 
@@ -116,6 +117,9 @@ def parse_worker_log(text: str, worker: str, incarnation: int) -> WorkerLog:
             continue
         at, message = _log_time(m.group(1), m.group(2)), m.group(5)
         if (r := _RECEIVED.search(message)) is not None:
+            for other in open_tasks.values():  # one task at a time: an earlier one ended, unlogged (a broken delivery)
+                other.done, other.action = at, "unlogged"
+            open_tasks.clear()
             task = Task(worker, incarnation, r.group(1), at)
             tasks.append(task)
             open_tasks[r.group(1)] = task
@@ -127,6 +131,10 @@ def parse_worker_log(text: str, worker: str, incarnation: int) -> WorkerLog:
             task = open_tasks.pop(r.group(1), None)
             if task is not None:
                 task.done, task.action = at, "error"
+        elif (r := _REJECTED.search(message)) is not None:
+            task = open_tasks.pop(r.group(1), None)
+            if task is not None:
+                task.done, task.action = at, "rejected"
         elif ready is None and (r := _READY.search(message)) is not None:
             ready = at
     return WorkerLog(worker, incarnation, ready, tasks)
@@ -431,7 +439,7 @@ def worker_time(logs: list[WorkerLog], ends: dict[tuple[str, int], float]) -> di
         life += max(end - log.ready, 0.0)
         for task in log.tasks:
             stop = min(task.done if task.done is not None else end, end)
-            kind = "training" if task.action in TRAINING_ACTIONS else (task.action or "cut")
+            kind = "training" if task.action in TRAINING_ACTIONS else (task.action or "in hand at the end")
             totals[kind] += max(stop - task.received, 0.0)
             deliveries[kind] += 1
     busy = sum(totals.values())

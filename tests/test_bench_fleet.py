@@ -121,9 +121,14 @@ def test_worker_logs_are_read_with_their_times_and_outcomes():
         "{'job_id': '20261129T141148_d1', 'action': 'deferred', 'detail': 'an earlier job goes first'}\n"
         "Traceback (most recent call last):\n"
         "[2026-11-29 14:11:49,382: INFO/MainProcess] Task guild.train[20261129T141148_d3] received\n"
+        "[2026-11-29 14:11:49,482: WARNING/ForkPoolWorker-1] Task guild.train[20261129T141148_d3] reject "
+        "requeue=True: Error 111 connecting to 127.0.0.1:35167. Connection refused.\n"
+        "[2026-11-29 14:11:50,000: INFO/MainProcess] Task guild.train[20261129T141148_d4] received\n"
+        "[2026-11-29 14:11:51,000: INFO/MainProcess] Task guild.train[20261129T141148_d5] received\n"
     )
     log = fa.parse_worker_log(text, "gpu0@spike", 0)
-    assert [(t.job[-2:], t.action) for t in log.tasks] == [("d1", "deferred"), ("d3", None)]
+    assert [(t.job[-2:], t.action) for t in log.tasks] == [("d1", "deferred"), ("d3", "rejected"),
+                                                           ("d4", "unlogged"), ("d5", None)]
     assert round(log.tasks[0].done - log.tasks[0].received, 3) == 1.059
     assert round(log.tasks[0].received - log.ready, 3) == 0.526
 
