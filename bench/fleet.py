@@ -147,7 +147,8 @@ class Submitter:
 
 
 class Feeder(threading.Thread):
-    """Submits the remaining batches evenly over ``span_s`` while the workers run."""
+    """Submits the remaining batches evenly over ``span_s`` while the workers run. :meth:`hold` pauses it between two
+    enqueue calls (for a Redis kill: an enqueue cut by it is reliability scenario 3's subject, not this one's)."""
 
     def __init__(self, submitter: Submitter, batches: list[Batch], span_s: float):
         super().__init__(daemon=True, name="feeder")
@@ -155,6 +156,9 @@ class Feeder(threading.Thread):
         self.error: BaseException | None = None
         self.finished_at: float | None = None
         self._halt = threading.Event()
+        self._go = threading.Event()
+        self._go.set()
+        self._between = threading.Lock()  # held while an enqueue call runs
 
     def run(self) -> None:
         start = time.monotonic()
@@ -163,14 +167,26 @@ class Feeder(threading.Thread):
                 due = start + self.span_s * i / max(len(self.batches), 1)
                 if self._halt.wait(max(due - time.monotonic(), 0)):
                     return
-                self.submitter(batch)
+                self._go.wait()
+                with self._between:
+                    self.submitter(batch)
         except BaseException as exc:  # noqa: BLE001 - reported by the main thread
             self.error = exc
         finally:
             self.finished_at = time.time()
 
+    def hold(self) -> None:
+        """Returns once no enqueue call runs and none will start until :meth:`release`."""
+        self._go.clear()
+        self._between.acquire()
+        self._between.release()
+
+    def release(self) -> None:
+        self._go.set()
+
     def stop(self) -> None:
         self._halt.set()
+        self._go.set()
 
 
 # ------------------------------------------------------------------------------------------------ the run
@@ -283,11 +299,11 @@ def run(cfg: FleetConfig, fleet: Fleet, workdir: Path) -> dict:
         if memory_sample is None and share >= 0.5:
             memory_sample = _memory(fleet)
         feeding = feeder.is_alive()
-        if not feeding and now - last_sweep >= 10 and counts["completed"] < cfg.jobs:
+        if now - last_sweep >= 30 and counts["completed"] < cfg.jobs:
             sweeps_midrun.append(_sweep_probe(fleet, home, cfg.stale_s, counts["processing"], own_commands))
             last_sweep = now
-        # ---- faults (after the feed is done, so that every submission either returned or never started)
-        if cfg.faults and not feeding:
+        # ---- faults, in the middle of the run (the feed held while Redis is down)
+        if cfg.faults:
             if not faults["worker_kills"] and share >= cfg.kill_at:
                 kill_wait_since = kill_wait_since or now
                 faults["worker_kills"] = _kill_workers(fleet, store, cfg.kill_workers, force=now - kill_wait_since > 30)
@@ -295,11 +311,13 @@ def run(cfg: FleetConfig, fleet: Fleet, workdir: Path) -> dict:
                     pending_restarts = [(time.monotonic() + cfg.restart_after_s, k["worker"])
                                         for k in faults["worker_kills"]]
             if not faults["redis"] and share >= cfg.redis_kill_at and (faults["worker_kills"] or not cfg.kill_workers):
+                feeder.hold()
                 recorder.close_segment()
                 killed = fleet.kill_redis()
                 time.sleep(cfg.redis_down_s)
                 back = fleet.restart_redis()
                 recorder.open_segment()
+                feeder.release()
                 client = fleet.client()
                 faults["redis"].append({"killed_at": killed, "back_at": back, "down_s": round(back - killed, 2)})
                 logger.warning("redis-server killed (kill -9) and restarted on its AOF: down %.2f s", back - killed)
