@@ -6,7 +6,7 @@ Long training jobs on GPU-pinned workers: late acks, one message reserved at a t
 from kombu import Exchange, Queue
 
 from config.settings import get_settings
-from jobs.queues import DEFAULT_VISIBILITY_TIMEOUT_S, PRIORITIES
+from jobs.queues import CELERY_PREFIX, DEFAULT_VISIBILITY_TIMEOUT_S, PRIORITIES
 
 _settings = get_settings()
 _visibility = _settings.visibility_timeout_s or DEFAULT_VISIBILITY_TIMEOUT_S
@@ -16,10 +16,13 @@ result_backend = _settings.redis_url
 broker_connection_retry_on_startup = True
 broker_connection_max_retries = None  # a worker outlives a Redis restart and reconnects
 
-# Strict priority: the Redis transport polls the queues in the order the worker lists them (-Q high,normal,low)
-# instead of round-robin, and a worker reserves one message at a time, acked only when the job ends.
-broker_transport_options = {"queue_order_strategy": "priority", "visibility_timeout": _visibility}
-result_backend_transport_options = {"visibility_timeout": _visibility}
+# Strict priority: the Redis transport polls high, then normal, then low (tasks/queue_order.py: whatever order the
+# consumer added them in, e.g. after `jobs pause` + `jobs resume`), never round-robin, and a worker reserves one
+# message at a time, acked only when the job ends.
+# Every Celery key gets CELERY_PREFIX: a queue name is a Redis key, and none may land on Guild's guild:* keys.
+broker_transport_options = {"queue_order_strategy": "tasks.queue_order:StrictPriorityCycle",
+                            "visibility_timeout": _visibility, "global_keyprefix": CELERY_PREFIX}
+result_backend_transport_options = {"visibility_timeout": _visibility, "global_keyprefix": CELERY_PREFIX}
 task_acks_late = True
 task_reject_on_worker_lost = True
 worker_prefetch_multiplier = 1
@@ -31,6 +34,10 @@ worker_concurrency = 1  # one job per GPU; run one worker per GPU
 task_queues = [Queue(name, Exchange(name), routing_key=name) for name in PRIORITIES]
 task_default_queue = "normal"
 task_create_missing_queues = True
+
+# A message no worker can run goes to the dead-letter list instead of stopping the worker (tasks/poison.py): the
+# consumer checks every message, and its connection's transport every envelope.
+worker_consumer = "tasks.poison:GuildConsumer"
 
 # JSON only: a pickled message is refused by the worker, never executed.
 task_serializer = "json"

@@ -14,8 +14,6 @@ import subprocess
 import sys
 from dataclasses import asdict, dataclass
 
-LOW_DISK_BYTES = 20 * 10**9
-
 
 @dataclass
 class Check:
@@ -32,20 +30,27 @@ def is_healthy(store, min_depth: int = 0) -> bool:
     return counts["queued"] + counts["processing"] >= min_depth
 
 
-def run_checks(settings, min_depth: int = 0, inspect_timeout_s: float = 2.0) -> list[Check]:
+def run_checks(settings, min_depth: int = 0, inspect_timeout_s: float = 2.0, min_free: str | None = None
+               ) -> list[Check]:
     import redis
 
+    from config.settings import redact_url
     from jobs.store import JobStore
 
     checks: list[Check] = []
     store = JobStore.connect(settings.redis_url, settings.guild_home, worker=True)
+    shown = redact_url(settings.redis_url)
     try:
         store.ping()
-        checks.append(Check("redis", True, f"reachable at {_redact(settings.redis_url)}"))
-    except redis.RedisError as exc:
-        checks.append(Check("redis", False, f"cannot reach {_redact(settings.redis_url)}: {exc}",
-                            "start it with `make up`, or set REDIS_URL to a running Redis"))
+        checks.append(Check("redis", True, f"reachable at {shown}"))
+    except redis.AuthenticationError:
+        checks.append(Check("redis", False, f"{shown} refused the password (wrong password or user)",
+                            "fix the password in REDIS_URL (or $GUILD_HOME/redis/url for the embedded Redis)"))
         return checks + _local_checks(settings)
+    except redis.RedisError as exc:
+        checks.append(Check("redis", False, f"cannot reach {shown}: {exc}",
+                            "start it with `make up`, or set REDIS_URL to a running Redis"))
+        return checks + _local_checks(settings) + [_disk_check(settings, min_free, None)]
     health = store.server_health()
     checks.append(Check("redis-aof", health.aof_enabled, f"appendonly={'yes' if health.aof_enabled else 'no'}",
                         "turn AOF on (`CONFIG SET appendonly yes` and in redis.conf): without it a Redis crash loses "
@@ -57,19 +62,50 @@ def run_checks(settings, min_depth: int = 0, inspect_timeout_s: float = 2.0) -> 
     checks.append(Check("redis-layout", not wrong, f"{len(wrong)} Guild key(s) of the wrong type"
                         + (": " + "; ".join(wrong) if wrong else ""),
                         "until then enqueue refuses to write (nothing half-done is left behind)"))
-    checks.extend(_worker_checks(inspect_timeout_s))
+    queues = _active_queues(inspect_timeout_s)
+    checks.extend(_worker_checks(queues))
     checks.extend(_local_checks(settings))
+    checks.append(_disk_check(settings, min_free, store))
     checks.extend(_job_checks(settings, store, min_depth))
+    if queues:
+        checks.append(_pause_check(queues, store))
     return checks
 
 
-def _worker_checks(timeout_s: float) -> list[Check]:
+def _active_queues(timeout_s: float) -> dict[str, list] | Exception:
+    """Every online worker and the queues it consumes (Celery's inspect), or the error asking them."""
     from tasks.app import app
 
     try:
-        queues = app.control.inspect(timeout=timeout_s).active_queues() or {}
+        return app.control.inspect(timeout=timeout_s).active_queues() or {}
     except Exception as exc:  # noqa: BLE001
-        return [Check("workers", False, f"cannot ask workers: {exc}", "check the broker URL")]
+        return exc
+
+
+def _pause_check(queues: dict[str, list], store) -> Check:
+    """Unhealthy when every online worker is paused while jobs are queued: nothing will ever run them until an
+    operator resumes (a health check wired to alerting must say so, even for a pause that was meant). Paused with
+    nothing queued is a warning."""
+    if isinstance(queues, Exception):
+        return Check("paused", True, "unknown (workers could not be asked)", warning=True)
+    paused = sorted(name for name, qs in queues.items() if not qs)
+    queued = store.status_counts()["queued"]
+    if not paused:
+        return Check("paused", True, "no worker is paused")
+    fix = "python -m jobs resume" + ("" if len(paused) == len(queues) else " --worker NAME")
+    if len(paused) < len(queues):
+        return Check("paused", True, f"{len(paused)} of {len(queues)} worker(s) paused: {', '.join(paused)}", fix,
+                     warning=True)
+    if queued:
+        return Check("paused", False, f"every worker is paused ({', '.join(paused)}) and {queued} job(s) are queued: "
+                     "nothing runs them", fix)
+    return Check("paused", False, f"every worker is paused ({', '.join(paused)}); nothing is queued", fix,
+                 warning=True)
+
+
+def _worker_checks(queues) -> list[Check]:
+    if isinstance(queues, Exception):
+        return [Check("workers", False, f"cannot ask workers: {queues}", "check the broker URL")]
     if not queues:
         return [Check("workers", False, "no worker online",
                       "start one per GPU: `make worker GPU=0` (or celery -A tasks worker -Q high,normal,low)")]
@@ -80,6 +116,28 @@ def _worker_checks(timeout_s: float) -> list[Check]:
         ok = set(names) >= {"high", "normal", "low"}
         out.append(Check(f"worker {name}", ok, f"consumes {','.join(names) or 'nothing (paused)'} ({gpu})",
                          "restart it with -Q high,normal,low or `python -m jobs resume`", warning=not ok))
+    out.extend(_worker_device_checks(sorted(queues)))
+    return out
+
+
+def _worker_device_checks(worker_names: list[str]) -> list[Check]:
+    """Workers on this host named ``gpuN`` against the GPUs this host shows (a missing one trains on the CPU)."""
+    import socket
+
+    from tasks.device_check import pinned_gpu_of, visible_gpus
+
+    here = [n for n in worker_names if n.split("@", 1)[-1] == socket.gethostname() and pinned_gpu_of(n) is not None]
+    if not here:
+        return []
+    gpus = {g.index for g in visible_gpus()}
+    out = []
+    for name in here:
+        pinned = pinned_gpu_of(name)
+        out.append(Check(f"worker {name} device", pinned in gpus,
+                         f"named for GPU {pinned}; this host shows {len(gpus)} GPU(s)"
+                         + ("" if pinned in gpus else ": it trains on the CPU"),
+                         f"stop it and start a CPU worker (make worker GPU=cpu, named cpu0@host) or run it on the host "
+                         f"that has GPU {pinned}"))
     return out
 
 
@@ -98,11 +156,35 @@ def _local_checks(settings) -> list[Check]:
     out.append(Check("heroes", not errors, f"{len(heroes)} valid profile(s)" + (f"; {'; '.join(errors)}" if errors
                                                                                  else ""),
                      "fix the named file and key"))
-    settings.guild_home.mkdir(parents=True, exist_ok=True)
-    free = shutil.disk_usage(settings.guild_home).free
-    out.append(Check("disk", free >= LOW_DISK_BYTES, f"{free / 1e9:.1f} GB free under {settings.guild_home}",
-                     "free space or move GUILD_HOME: checkpoints need room", warning=True))
     return out
+
+
+def _disk_check(settings, min_free: str | None, jobs) -> Check:
+    """Free space under $GUILD_HOME against the threshold, with what the campaigns' checkpoints use."""
+    from campaigns.campaign import CampaignStore
+    from campaigns.disk import estimate_checkpoint_bytes, format_bytes, low_disk_threshold
+    from jobs.retention import disk_usage
+
+    settings.guild_home.mkdir(parents=True, exist_ok=True)
+    usage = shutil.disk_usage(settings.guild_home)
+    store = CampaignStore(settings.guild_home)
+    campaigns = store.list()
+    largest = max((estimate_checkpoint_bytes(c, None) for c in campaigns), default=0)
+    threshold = low_disk_threshold(usage.total, largest, min_free)
+    figures = [disk_usage(store, c, jobs) for c in campaigns]
+    used = sum(f.total_bytes for f in figures)
+    reclaimable = {c.id: f.reclaimable_bytes for c, f in zip(campaigns, figures) if f.reclaimable_bytes}
+    why = f"--min-free {min_free}" if min_free else (
+        f"the larger of {format_bytes(0.1 * usage.total)} (10% of the disk) and 3 checkpoints of "
+        f"{format_bytes(largest)}")
+    detail = (f"{format_bytes(usage.free)} free under {settings.guild_home} (warn below {format_bytes(threshold)}: "
+              f"{why}); checkpoints use {format_bytes(used)}")
+    if reclaimable:
+        detail += f", {format_bytes(sum(reclaimable.values()))} reclaimable"
+    fix = "free space or move GUILD_HOME: each job writes checkpoints"
+    if reclaimable:
+        fix = " and ".join(f"`python -m campaigns prune {name}`" for name in sorted(reclaimable)) + "; or " + fix
+    return Check("disk", usage.free >= threshold, detail, fix, warning=True)
 
 
 def _job_checks(settings, store, min_depth: int) -> list[Check]:
@@ -124,7 +206,8 @@ def _job_checks(settings, store, min_depth: int) -> list[Check]:
                      "they expire with their lease (GUILD_HEARTBEAT_STALE_S)"))
     dead = store.dead_letter_count()
     out.append(Check("dead-letters", dead == 0, f"{dead} message(s) no worker could run, kept aside",
-                     "inspect them (python -m jobs dead-letters) and resend the jobs they were for", warning=True))
+                     "look at them with `python -m jobs dead-letters` (who sent them?), resend the jobs they were for, "
+                     "then `python -m jobs dead-letters --clear`", warning=True))
     depth = store.status_counts()
     queue_lengths = store.message_counts()
     healthy = is_healthy(store, min_depth)
@@ -134,23 +217,18 @@ def _job_checks(settings, store, min_depth: int) -> list[Check]:
     return out
 
 
-def _redact(url: str) -> str:
-    if "@" in url and "://" in url:
-        scheme, rest = url.split("://", 1)
-        return f"{scheme}://***@{rest.split('@', 1)[1]}"
-    return url
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m doctor", description="Check that Guild is healthy.")
     p.add_argument("--json", action="store_true")
     p.add_argument("--min-depth", type=int, default=0, help="unhealthy when fewer jobs are queued or running")
+    p.add_argument("--min-free", metavar="SIZE", help="warn below this much free disk under GUILD_HOME (50G, 800M, "
+                   "15%%; default: the larger of 10%% of the disk and 3 of the largest campaign checkpoint)")
     args = p.parse_args(argv)
     from config.errors import GuildError
     from config.settings import get_settings
 
     try:
-        checks = run_checks(get_settings(), args.min_depth)
+        checks = run_checks(get_settings(), args.min_depth, min_free=args.min_free)
     except GuildError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -1,17 +1,22 @@
-"""Useful tokens per second: Guild's engine against the Hugging Face Trainer, same model, data and max_length.
+"""Wall-clock useful tokens per second: a real Guild job against the Hugging Face Trainer, same model, data,
+max_length and threads.
 
-Both train the tiny hero (fp32, this machine's CPU or GPU) on the first N examples of chat_bench.jsonl, with the
-loss on assistant tokens only:
+Both train the tiny hero (fp32, this machine's CPU or GPU) once over the first N examples of chat_bench.jsonl,
+loss on assistant tokens only, tokenised beforehand by the same code (tokenising is left out of both figures):
 
-* HF: ``Trainer`` with its defaults: batches of 8 examples in random order, padded to the longest;
-* ours: ``TrainerEngine.run_job``: examples packed into rows of max_length tokens, 8 rows per step.
+* HF: ``from_pretrained`` + ``Trainer`` with its defaults + ``train()``: batches of 8 examples in random order,
+  padded to the longest;
+* Guild: ``TrainerEngine.run_job`` as a worker runs it: model load, examples packed into rows of max_length
+  tokens, 8 rows a step, document attention, chunked cross-entropy, and the final checkpoint written.
 
-"Useful" tokens are non-pad input tokens. Each figure is the steady state: tokens of the steps after the first
-``--warmup`` ones over their wall time (the first steps pay one-off costs such as torch.compile's, reported apart).
+The headline is what a user waits for: useful (non-pad) tokens over the wall time of the whole call. Runs
+alternate (HF, Guild, Guild, HF, ...: the order flips every round) so that whatever else the machine does falls
+on both; each round gives a ratio, reported with the load average. Steady-state rates (first steps left out) and
+tokens per CPU-second are printed as secondary figures.
 
-    .venv/bin/python bench/engine_vs_hf.py [--examples 200] [--rounds 2] [--no-compile] [--no-hf]
+    .venv/bin/python bench/engine_vs_hf.py [--examples 800] [--max-length 2048] [--rounds 2] [--threads N]
 
-Prints a table, then the figures as one JSON object on the last line.
+Prints a table and a one-line summary, then the figures as one JSON object on the last line.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import json
 import logging
 import os
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -31,24 +37,20 @@ sys.path.insert(0, str(REPO))
 
 # The bench data: the repo's copy (bench/data), else the shared data set beside the repo.
 DATA_CANDIDATES = (REPO / "bench" / "data" / "chat_bench.jsonl", REPO.parent / "shared" / "data" / "chat_bench.jsonl")
+WARMUP_STEPS = 2  # left out of the steady-state figures
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--examples", type=int, default=200, help="first N examples of the bench data")
-    parser.add_argument("--max-length", type=int, default=512)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--warmup", type=int, default=2, help="steps left out of the steady-state figure")
-    parser.add_argument("--data", type=Path, default=None)
-    parser.add_argument(
-        "--rounds",
-        type=int,
-        default=2,
-        help="HF and eager engine runs alternate this many times; the best of each counts",
-    )
-    parser.add_argument("--no-compile", action="store_true", help="skip the engine run with torch.compile")
-    parser.add_argument("--no-hf", action="store_true", help="skip the HF Trainer runs")
+    parser.add_argument("--examples", type=int, default=800, help="first N examples of the bench data")
+    parser.add_argument("--max-length", type=int, default=2048)
+    parser.add_argument("--batch-size", type=int, default=8, help="HF: examples per batch; Guild: rows per step")
+    parser.add_argument("--rounds", type=int, default=2, help="HF/Guild pairs, run alternately")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--data", type=Path, default=None)
+    parser.add_argument("--attention", default="auto", help="Guild's hyperparams.attention")
+    parser.add_argument("--no-hf", action="store_true", help="Guild runs only")
+    parser.add_argument("--json", type=Path, default=None, help="also write the figures to this file")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
 
@@ -68,90 +70,97 @@ def main() -> None:
     model_path = ensure_model(load_hero("tiny-qwen3", home), home)
     examples = read_examples(data_path)[: args.examples]
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    setup = {
+        "examples": len(examples),
+        "max_length": args.max_length,
+        "batch_size": args.batch_size,
+        "device": device,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "cpus": os.cpu_count(),
+    }
     print(
-        f"{len(examples)} examples of {data_path}, max_length {args.max_length}, batch {args.batch_size}, "
+        f"{len(examples)} examples of {data_path.name}, max_length {args.max_length}, batch {args.batch_size}, "
         f"{device}, {torch.get_num_threads()} threads, torch {torch.__version__}",
         flush=True,
     )
 
-    # Alternating runs share out whatever else the machine is doing; the best run of each kind is the figure.
-    runs = []
-    for _ in range(args.rounds):
-        if not args.no_hf:
-            runs.append(timed(bench_hf, model_path, examples, args))
-        runs.append(timed(bench_engine, model_path, examples, args, compile=False))
-    if not args.no_compile:
-        runs.append(timed(bench_engine, model_path, examples, args, compile=True))
+    # Rounds alternate their order (HF then Guild, Guild then HF, ...): neither side always runs first in the
+    # process (a first run can pay for cold caches) or always meets the same moment of the machine's load.
+    runs: list[dict] = []
+    for round_ in range(args.rounds):
+        order = [bench_hf, bench_engine] if round_ % 2 == 0 else [bench_engine, bench_hf]
+        for bench in order:
+            if bench is bench_hf and args.no_hf:
+                continue
+            runs.append(timed(bench, model_path, examples, args))
 
-    best: dict[str, dict] = {}
-    for r in runs:
-        if r["name"] not in best or r["useful_tok_s"] > best[r["name"]]["useful_tok_s"]:
-            best[r["name"]] = r
-    hf = best.get("hf_trainer")
     print(
-        f"\n{'run':18} {'useful tok/s':>13} {'per CPU s':>10} {'pad %':>6} {'steps':>6} {'step s':>7} "
-        f"{'first s':>8} {'load':>5}"
+        f"\n{'run':8} {'wall tok/s':>11} {'wall s':>7} {'steady tok/s':>13} {'per CPU s':>10} {'pad %':>6} "
+        f"{'steps':>6} {'load 1m':>12}"
     )
     for r in runs:
         print(
-            f"{r['name']:18} {r['useful_tok_s']:13.0f} {r['useful_cpu_tok_s']:10.0f} {100 * r['pad_fraction']:6.1f} "
-            f"{r['steps']:6d} {r['step_s']:7.3f} {r['first_steps_s']:8.1f} {r['load_avg']:5.1f}"
+            f"{r['name']:8} {r['wall_tok_s']:11.0f} {r['wall_s']:7.1f} {r['steady_tok_s']:13.0f} "
+            f"{r['cpu_tok_s']:10.0f} {100 * r['pad_fraction']:6.1f} {r['steps']:6d} "
+            f"{r['load_before']:5.1f}-{r['load_after']:<5.1f}"
         )
+    guild = [r for r in runs if r["name"] == "guild"]
+    hf = [r for r in runs if r["name"] == "hf"]
+    pairs = [g["wall_tok_s"] / h["wall_tok_s"] for h, g in zip(hf, guild)]
+    loads = [r["load_before"] for r in runs] + [r["load_after"] for r in runs]
     summary = {
-        name: {
-            "useful_tok_s": round(r["useful_tok_s"]),
-            "ratio_vs_hf": round(r["useful_tok_s"] / hf["useful_tok_s"], 2) if hf else None,
-        }
-        for name, r in best.items()
+        "guild_wall_tok_s": round(statistics.median(r["wall_tok_s"] for r in guild)),
+        "hf_wall_tok_s": round(statistics.median(r["wall_tok_s"] for r in hf)) if hf else None,
+        "ratio": round(statistics.median(pairs), 2) if pairs else None,
+        "pair_ratios": [round(p, 2) for p in pairs],
+        "load_1m": [round(min(loads), 1), round(max(loads), 1)],
     }
-    print(
-        "best: "
-        + ", ".join(f"{name} {v['useful_tok_s']} tok/s ({v['ratio_vs_hf']}x HF)" for name, v in summary.items())
-    )
-    print(
-        json.dumps(
-            {
-                "examples": len(examples),
-                "max_length": args.max_length,
-                "batch_size": args.batch_size,
-                "device": device,
-                "threads": torch.get_num_threads(),
-                "best": summary,
-                "runs": runs,
-            }
+    if pairs:
+        print(
+            f"\nengine_vs_hf: wall-clock useful tok/s Guild {summary['guild_wall_tok_s']} vs HF "
+            f"{summary['hf_wall_tok_s']} = {summary['ratio']}x (pairs {', '.join(f'{p:.2f}x' for p in pairs)}; "
+            f"load 1m {summary['load_1m'][0]}-{summary['load_1m'][1]} on {os.cpu_count()} CPUs; "
+            f"{setup['threads']} threads, {len(examples)} examples, max_length {args.max_length}, {device})"
         )
+    else:
+        print(f"\nengine_vs_hf: Guild {summary['guild_wall_tok_s']} wall-clock useful tok/s (no HF run)")
+    figures = {**setup, "summary": summary, "runs": runs, "date": time.strftime("%Y-%m-%d")}
+    if args.json:
+        args.json.write_text(json.dumps(figures, indent=1))
+    print(json.dumps(figures))
+
+
+def timed(bench, *args) -> dict:
+    """Run one bench; note the machine's load around it, since other processes' work shows in wall-clock figures."""
+    before = os.getloadavg()[0]
+    figures = bench(*args)
+    figures["load_before"], figures["load_after"] = before, os.getloadavg()[0]
+    print(
+        f"  {figures['name']}: {figures['wall_tok_s']:.0f} useful tok/s wall clock ({figures['wall_s']:.1f} s), "
+        f"load {before:.1f}",
+        flush=True,
     )
-
-
-def timed(bench, *args, **kwargs) -> dict:
-    """Run one bench; note the machine's load, since other processes' work shows up in wall-clock figures."""
-    figures = bench(*args, **kwargs)
-    figures["load_avg"] = os.getloadavg()[0]
-    print(f"  {figures['name']}: {figures['useful_tok_s']:.0f} useful tok/s", flush=True)
     return figures
 
 
-def steady(
-    name: str, ends: list[tuple[float, float]], tokens: list[int], slots: list[int], start: float, warmup: int
+def figures_of(
+    name: str, wall_s: float, ends: list[tuple[float, float]], tokens: list[int], slots: list[int], cpu_s: float
 ) -> dict:
-    """Figures from per-step (wall, process CPU) end times and token counts, leaving out the first ``warmup`` steps.
-
-    ``useful_cpu_tok_s`` is per second of this process's CPU time (all its threads): with one thread it is the
-    figure that other processes on the machine disturb least.
-    """
-    warmup = max(1, min(warmup, len(ends) - 1))
-    useful = sum(tokens[warmup:])
-    seconds = ends[-1][0] - ends[warmup - 1][0]
-    cpu_seconds = ends[-1][1] - ends[warmup - 1][1]
+    """Wall-clock and steady-state figures from per-step (wall, process CPU) end times and token counts."""
+    useful = sum(tokens)
+    warm = max(1, min(WARMUP_STEPS, len(ends) - 1))
+    steady_tokens = sum(tokens[warm : len(ends)])
+    steady_s = ends[-1][0] - ends[warm - 1][0] if len(ends) > warm else float("nan")
     return {
         "name": name,
-        "useful_tok_s": useful / seconds,
-        "useful_cpu_tok_s": useful / cpu_seconds,
-        "pad_fraction": 1 - sum(tokens) / sum(slots),
+        "useful_tokens": useful,
+        "wall_s": wall_s,
+        "wall_tok_s": useful / wall_s,
+        "steady_tok_s": steady_tokens / steady_s if steady_s > 0 else float("nan"),
+        "cpu_tok_s": useful / cpu_s if cpu_s > 0 else float("nan"),
+        "pad_fraction": 1 - useful / sum(slots),
         "steps": len(ends),
-        "step_s": seconds / (len(ends) - warmup),
-        "first_steps_s": ends[warmup - 1][0] - start,
-        "useful_tokens": sum(tokens),
     }
 
 
@@ -202,6 +211,7 @@ def bench_hf(model_path: str, examples, args) -> dict:
             ends.append(clock())
 
     out = Path(tempfile.mkdtemp(prefix="bench-hf-"))
+    started, cpu_started = clock()
     try:
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
         training_args = TrainingArguments(
@@ -219,16 +229,17 @@ def bench_hf(model_path: str, examples, args) -> dict:
         trainer = Trainer(
             model=model, args=training_args, train_dataset=Rows(), data_collator=pad_collate, callbacks=[Clock()]
         )
-        start = time.perf_counter()
         trainer.train()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        wall_s, cpu_s = (a - b for a, b in zip(clock(), (started, cpu_started)))
     finally:
         shutil.rmtree(out, ignore_errors=True)
-    return steady(
-        "hf_trainer", ends, [u for u, _ in seen][: len(ends)], [s for _, s in seen][: len(ends)], start, args.warmup
-    )
+    seen = seen[: len(ends)]
+    return figures_of("hf", wall_s, ends, [u for u, _ in seen], [s for _, s in seen], cpu_s)
 
 
-def bench_engine(model_path: str, examples, args, compile: bool) -> dict:
+def bench_engine(model_path: str, examples, args) -> dict:
     from config.schema import DataConfig, Hyperparams, TrainerConfig
     from engine.batches import DataOrder
     from engine.trainer import TrainerEngine
@@ -244,34 +255,34 @@ def bench_engine(model_path: str, examples, args, compile: bool) -> dict:
             save_steps=10**9,
             eval_fraction=0.0,
             seed=42,
+            attention=args.attention,
         ),
         data=DataConfig(enable_packing=True),
     )
-    engine = TrainerEngine(compile=compile)
-    prepared_at = time.perf_counter()
-    data = engine.prepare(examples, config, model_path=model_path)
-    prepare_s = time.perf_counter() - prepared_at
+    engine = TrainerEngine()
+    data = engine.prepare(examples, config, model_path=model_path)  # tokenising: outside the figure, as for HF
     order = DataOrder(len(data.rows), config.hyperparams.batch_size, config.hyperparams.seed)
     ends: list[tuple[float, float]] = []
-    tokens: list[int] = []
 
     def on_progress(step, *rest):
         ends.append(clock())
-        rows = order.micro_batch(step - 1)
-        tokens.append(sum(len(data.train[i]) for r in rows for i in data.rows[r]))
 
     checkpoints = Path(tempfile.mkdtemp(prefix="bench-engine-"))
+    started, cpu_started = clock()
     try:
-        start = time.perf_counter()
         result = engine.run_job(
             data, config, on_progress, model_path=model_path, checkpoint_dir=checkpoints, run_id="bench"
         )
-        start += result.setup_s  # the loop's own start: model loading is not training
+        wall_s, cpu_s = (a - b for a, b in zip(clock(), (started, cpu_started)))
     finally:
         shutil.rmtree(checkpoints, ignore_errors=True)
+    if result.status != "completed":
+        sys.exit(f"the Guild run ended {result.status}: {result.error}")
+    tokens = [sum(len(data.train[i]) for r in order.micro_batch(s) for i in data.rows[r]) for s in range(len(ends))]
     slots = [len(order.micro_batch(s)) * data.row_length for s in range(len(ends))]
-    figures = steady("engine_compiled" if compile else "engine", ends, tokens, slots, start, args.warmup)
-    figures["prepare_s"] = prepare_s
+    figures = figures_of("guild", wall_s, ends, tokens, slots, cpu_s)
+    assert figures["useful_tokens"] == result.trained_tokens
+    figures["attention"] = result.attention
     return figures
 
 

@@ -368,7 +368,7 @@ def run(cfg: FleetConfig, fleet: Fleet, workdir: Path) -> dict:
     fleet.stop_workers()
     stopped_at = time.time()
     sweep_quiet = _sweep_quiet(fleet, home, cfg.stale_s)
-    capacity = redis_capacity(fleet.url, cfg.capacity_s) if cfg.capacity_s > 0 else None
+    capacity = redis_capacity(fleet.admin_url, cfg.capacity_s) if cfg.capacity_s > 0 else None
     rusage1 = resource.getrusage(resource.RUSAGE_SELF)
     bench_cpu = (rusage1.ru_utime + rusage1.ru_stime) - (rusage0.ru_utime + rusage0.ru_stime)
 

@@ -15,8 +15,9 @@ Definitions (printed with the figures):
   next job: jobs of a campaign run one at a time, in queue order).
 - **Strict priority** is violated when a worker takes a message (the Celery ``received`` time ``t``) and claims a
   job while a job of higher priority had been eligible since ``t - tolerance`` and was not yet taken by any worker
-  (its claiming delivery was received after ``t``). The tolerance covers a message in flight: a worker that took a
-  job's message while its campaign was still busy holds it for the deferral pause (1 s) before it goes back.
+  (its claiming delivery was received after ``t``). The tolerance covers a message in flight: a job whose campaign
+  frees up gets its message from the ending run (or the sweep) at the head of its queue, but a worker may have taken
+  another message a moment before.
 - **Dispatch latency** of a claim: from ``max(E, the claiming worker's previous training task done, the last claim
   of a job ahead of it in queue order)`` (a worker was free and the job was the next eligible) to the claim.
   **Pick-up** is the part from the worker receiving the message to the claim.
@@ -42,6 +43,7 @@ _RECEIVED = re.compile(r"Task guild\.train\[([^\]]+)\] received")
 _SUCCEEDED = re.compile(r"Task guild\.train\[([^\]]+)\] succeeded in [\d.e-]+s: (.*)$")
 _RAISED = re.compile(r"Task guild\.train\[([^\]]+)\] raised")
 _REJECTED = re.compile(r"Task guild\.train\[([^\]]+)\] reject")  # a delivery Redis broke: its message given back
+_IGNORED = re.compile(r"Task guild\.train\[([^\]]+)\] ignored")  # a delivery that parked its job (jobs/waiting.py)
 _READY = re.compile(r"(\S+) ready\.$")
 
 
@@ -57,7 +59,7 @@ class Task:
     job: str
     received: float
     done: float | None = None
-    action: str | None = None  # completed | deferred | dropped | requeued | failed | ... | error (raised)
+    action: str | None = None  # completed | waiting | deferred | dropped | requeued | ... | error (raised)
 
 
 @dataclass
@@ -135,6 +137,10 @@ def parse_worker_log(text: str, worker: str, incarnation: int) -> WorkerLog:
             task = open_tasks.pop(r.group(1), None)
             if task is not None:
                 task.done, task.action = at, "rejected"
+        elif (r := _IGNORED.search(message)) is not None:
+            task = open_tasks.pop(r.group(1), None)
+            if task is not None:
+                task.done, task.action = at, "waiting"
         elif ready is None and (r := _READY.search(message)) is not None:
             ready = at
     return WorkerLog(worker, incarnation, ready, tasks)

@@ -28,11 +28,11 @@ class FleetEngine(StandInEngine):
         self.events_dir = Path(events_dir) if events_dir else None
 
     def run_job(self, dataset_path, config, on_progress, should_stop, *, model_path, checkpoint_dir, resume_from,
-                run_id, enable_packing, chat=None):
+                run_id, enable_packing, chat=None, evaluation=None, on_eval=None):
         self._event({"event": "start", "job": run_id, "resume_from": str(resume_from) if resume_from else None})
         result = super().run_job(dataset_path, config, on_progress, should_stop, model_path=model_path,
                                  checkpoint_dir=checkpoint_dir, resume_from=resume_from, run_id=run_id,
-                                 enable_packing=enable_packing, chat=chat)
+                                 enable_packing=enable_packing, chat=chat, evaluation=evaluation, on_eval=on_eval)
         self._event({"event": "end", "job": run_id, "status": result.status, "start_step": result.start_step,
                      "final_step": result.final_step, "total_steps": result.total_steps})
         return result

@@ -116,7 +116,17 @@ class Fleet:
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        """What Guild connects with (workers, enqueue, the store): the ``guild`` ACL user, as in production."""
+        return self._server().url
+
+    @property
+    def admin_url(self) -> str:
+        """The benchmark's own inspection (INFO, MEMORY USAGE, CONFIG RESETSTAT, the capacity probe's keys)."""
+        return self._server().admin_url
+
+    def _server(self) -> RedisServer:
+        # the passwords live in the data directory: every incarnation of the server has the same URLs
+        return self.redis_servers[-1] if self.redis_servers else RedisServer(self.redis_dir, port=self.port)
 
     @property
     def redis_pid(self) -> int | None:
@@ -144,7 +154,7 @@ class Fleet:
         return at
 
     def client(self) -> redis.Redis:
-        return redis.Redis.from_url(self.url, socket_connect_timeout=5, socket_timeout=30)
+        return redis.Redis.from_url(self.admin_url, socket_connect_timeout=5, socket_timeout=30)
 
     # ---- workers
 

@@ -27,9 +27,9 @@ from config.schema import (
     SHORTHANDS,
     QueueConfig,
     TrainerConfig,
+    check_config,
     check_range,
     coerce,
-    cross_field_problems,
     field_specs,
 )
 
@@ -157,7 +157,7 @@ def resolve(layers: list[Layer]) -> ResolvedConfig:
     queue = QueueConfig(**{d.split(".", 1)[1]: v for d, v in values.items() if d.startswith(QUEUE_GROUP + ".")})
     training = {d: v for d, v in values.items() if not d.startswith(QUEUE_GROUP + ".")}
     config = TrainerConfig.from_flat(training)
-    problems = cross_field_problems(config)
+    problems = check_config(config, sources)
     if problems:
         raise ConfigError(problems)
     return ResolvedConfig(config, sources, queue, origins)

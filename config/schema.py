@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any, get_type_hints
@@ -18,6 +19,9 @@ PRECISIONS = ("auto", "fp32", "bf16")
 FINETUNE_MODES = ("full", "lora", "qlora")
 # Every linear projection of a Qwen3 (Llama-style) decoder layer: attention and MLP. "all-linear" also works.
 QWEN3_LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+ATTENTION_PATHS = ("auto", "per_document", "flex", "flash_varlen", "sdpa_dense")  # engine.attention.AttentionPath
+LOSS_KERNELS = ("auto", "chunked", "liger")  # engine.loss.LossKernel
+DECAYING_SCHEDULERS = ("linear", "cosine")
 
 
 @dataclass(frozen=True)
@@ -42,7 +46,11 @@ class Hyperparams:
     eval_fraction: float = 0.05
     eval_max_examples: int = 200
     eval_steps: int = 0  # 0: validate only at the end of each job
+    eval_max_tokens: int = 500_000  # the most tokens a campaign's eval set may hold (per evaluation); 0: no limit
     seed: int = 42
+    attention: str = "auto"  # how packed examples are kept apart (engine.attention); auto picks by device
+    loss_kernel: str = "auto"  # lm_head + cross-entropy: chunked, or liger (auto: liger on CUDA when installed)
+    deterministic: bool = False  # deterministic kernels, for bitwise resume on CUDA (slower; engine.determinism)
 
 
 @dataclass(frozen=True)
@@ -148,13 +156,15 @@ def field_specs() -> dict[str, FieldSpec]:
 
 
 _CHOICES = {"hyperparams.lr_scheduler": LR_SCHEDULERS, "hyperparams.precision": PRECISIONS,
-            "optimizer.name": ("adamw",), "finetune.mode": FINETUNE_MODES}
-_POSITIVE = {"hyperparams.batch_size", "hyperparams.gradient_accumulation_steps", "hyperparams.max_length",
-             "hyperparams.save_steps", "hyperparams.save_total_limit", "queue.max_attempts",
+            "optimizer.name": ("adamw",), "finetune.mode": FINETUNE_MODES, "hyperparams.attention": ATTENTION_PATHS,
+            "hyperparams.loss_kernel": LOSS_KERNELS}
+_POSITIVE = {"hyperparams.epochs", "hyperparams.batch_size", "hyperparams.gradient_accumulation_steps",
+             "hyperparams.max_length", "hyperparams.save_steps", "hyperparams.save_total_limit", "queue.max_attempts",
              "finetune.lora_rank", "finetune.lora_alpha"}
 _NON_NEGATIVE = {"hyperparams.warmup_steps", "hyperparams.decay_steps", "hyperparams.max_steps",
-                 "hyperparams.eval_steps", "hyperparams.eval_max_examples", "hyperparams.learning_rate",
-                 "hyperparams.epochs", "hyperparams.max_grad_norm", "optimizer.weight_decay", "hyperparams.seed",
+                 "hyperparams.eval_steps", "hyperparams.eval_max_examples",
+                 "hyperparams.eval_max_tokens", "hyperparams.learning_rate",
+                 "hyperparams.max_grad_norm", "optimizer.weight_decay", "hyperparams.seed",
                  "hyperparams.global_batch_size"}
 # Fields written as a comma-separated string that a YAML/JSON layer may also give as a list of strings.
 _LIST_FIELDS = {"finetune.lora_target_modules"}
@@ -187,9 +197,10 @@ def coerce(spec: FieldSpec, value: Any, from_text: bool) -> Any:
                 raise ValueError(f"expected a whole number, got {value!r}") from None
         if t is float:
             try:
-                return float(text)
+                number = float(text)
             except ValueError:
                 raise ValueError(f"expected a number, got {value!r}") from None
+            return _finite(number, value)
         return text
     if t is bool:
         if isinstance(value, bool):
@@ -201,7 +212,10 @@ def coerce(spec: FieldSpec, value: Any, from_text: bool) -> Any:
         raise ValueError(f"expected a whole number, got {value!r}")
     if t is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            try:
+                return _finite(float(value), value)
+            except OverflowError:  # an int too big for a float
+                raise ValueError(f"expected a finite number, got {value!r}") from None
         raise ValueError(f"expected a number, got {value!r}")
     if t is str:
         if isinstance(value, str):
@@ -210,12 +224,21 @@ def coerce(spec: FieldSpec, value: Any, from_text: bool) -> Any:
     raise ValueError(f"unsupported type {t!r}")  # pragma: no cover - schema bug
 
 
+def _finite(number: float, given: Any) -> float:
+    """``number`` when it is finite; NaN and infinities (``nan``, ``inf``, ``1e999``) are never a setting."""
+    if not math.isfinite(number):
+        shown = repr(given) if len(repr(given)) <= 40 else repr(given)[:37] + "..."
+        raise ValueError(f"expected a finite number, got {shown}; NaN and infinity train nothing")
+    return number
+
+
 def check_range(dotted: str, value: Any) -> str | None:
     """A problem text when ``value`` is outside what ``dotted`` allows, else None."""
     if dotted in _CHOICES and value not in _CHOICES[dotted]:
         return f"must be one of {', '.join(_CHOICES[dotted])}, got {value!r}"
     if dotted in _POSITIVE and value <= 0:
-        return f"must be positive, got {value!r}"
+        hint = " (0 epochs train nothing; to bound a job, set max_steps)" if dotted == "hyperparams.epochs" else ""
+        return f"must be positive, got {value!r}{hint}"
     if dotted in _NON_NEGATIVE and value < 0:
         return f"must not be negative, got {value!r}"
     if dotted == "hyperparams.eval_fraction" and not 0 <= value < 1:
@@ -230,15 +253,30 @@ def check_range(dotted: str, value: Any) -> str | None:
     return None
 
 
-def cross_field_problems(config: TrainerConfig) -> list[str]:
-    """Problems that involve more than one field (each field being valid on its own)."""
-    problems = []
+def check_config(config: TrainerConfig, sources: dict[str, str] | None = None) -> list[str]:
+    """Problems that involve several fields (each field alone passed :func:`check_range`), one text each.
+
+    Args:
+        sources: the layer that set each dotted field, named in the messages when given.
+    """
+    def where(dotted: str) -> str:
+        return f" ({sources[dotted]} layer)" if sources and dotted in sources else ""
+
     hp = config.hyperparams
+    problems = []
+    if hp.lr_scheduler in DECAYING_SCHEDULERS and 0 < hp.decay_steps <= hp.warmup_steps:
+        problems.append(
+            f"hyperparams.decay_steps={hp.decay_steps}{where('hyperparams.decay_steps')} must be greater than "
+            f"hyperparams.warmup_steps={hp.warmup_steps}{where('hyperparams.warmup_steps')} with lr_scheduler "
+            f"{hp.lr_scheduler}: the LR would fall to 0 as warmup ends. Set decay_steps to the campaign step where "
+            "the LR should reach 0 (after warmup), or to 0 for no decay"
+        )
     if hp.global_batch_size and hp.global_batch_size % hp.batch_size:
         problems.append(
             f"hyperparams.global_batch_size {hp.global_batch_size} is not a multiple of hyperparams.batch_size "
-            f"{hp.batch_size} (rows per optimizer step = batch_size x ranks x accumulation): set global_batch_size "
-            f"to a multiple of {hp.batch_size}, or 0 to use batch_size x gradient_accumulation_steps"
+            f"{hp.batch_size}{where('hyperparams.global_batch_size')} (rows per optimizer step = batch_size x ranks "
+            f"x accumulation): set global_batch_size to a multiple of {hp.batch_size}, or 0 to use batch_size x "
+            "gradient_accumulation_steps"
         )
     return problems
 

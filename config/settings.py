@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 from config.errors import SettingsError
 
@@ -51,9 +52,22 @@ class Settings:
     cuda_visible_devices: str | None = None
     visibility_timeout_s: int | None = None
     flower_address: str | None = None
+    flower_control: bool = False  # GUILD_FLOWER_CONTROL=1: Flower may send/revoke tasks and control workers
     heartbeat_stale_s: float = 60.0
     sweep_interval_s: float = 15.0
     engine_factory: str | None = None
+    max_dataset_bytes: int | None = None  # None: engine.formats' default (see dataset_limits)
+    max_line_bytes: int | None = None
+    max_examples: int | None = None
+
+    @property
+    def dataset_limits(self):
+        """The :class:`config.dataset_limits.DatasetLimits` enqueue applies: defaults, or the GUILD_MAX_* overrides."""
+        from config.dataset_limits import DEFAULT_LIMITS, DatasetLimits
+
+        return DatasetLimits(self.max_dataset_bytes or DEFAULT_LIMITS.max_file_bytes,
+                             self.max_line_bytes or DEFAULT_LIMITS.max_line_bytes,
+                             self.max_examples or DEFAULT_LIMITS.max_examples)
 
     @classmethod
     def from_env(cls, environ: dict | None = None) -> Settings:
@@ -78,10 +92,14 @@ class Settings:
             enable_packing=_flag(env.get("ENABLE_PACKING"), "ENABLE_PACKING"),
             flower_basic_auth=env.get("FLOWER_BASIC_AUTH") or None,
             flower_address=env.get("FLOWER_ADDRESS") or None,
+            flower_control=bool(_flag(env.get("GUILD_FLOWER_CONTROL"), "GUILD_FLOWER_CONTROL")),
             verbose=bool(_flag(env.get("GUILD_VERBOSE"), "GUILD_VERBOSE")),
             cuda_visible_devices=env.get("CUDA_VISIBLE_DEVICES"),
             visibility_timeout_s=vt_int,
             engine_factory=env.get("GUILD_ENGINE_FACTORY") or None,
+            max_dataset_bytes=_count(env, "GUILD_MAX_DATASET_BYTES"),
+            max_line_bytes=_count(env, "GUILD_MAX_LINE_BYTES"),
+            max_examples=_count(env, "GUILD_MAX_EXAMPLES"),
         )
 
 
@@ -96,6 +114,48 @@ def _seconds(env, name: str, default: float) -> float:
     if value <= 0:
         raise SettingsError(f"{name} must be positive")
     return value
+
+
+def _count(env, name: str) -> int | None:
+    """A positive whole number (``2000000``, ``2_000_000``, or bytes as ``4GiB``/``512MiB``/``64KiB``), or None."""
+    raw = (env.get(name) or "").strip()
+    if not raw:
+        return None
+    units = {"kib": 2**10, "mib": 2**20, "gib": 2**30}
+    scale = 1
+    for suffix, factor in units.items():
+        if raw.lower().endswith(suffix):
+            raw, scale = raw[: -len(suffix)].strip(), factor
+            break
+    try:
+        value = int(raw.replace("_", "")) * scale
+    except ValueError:
+        raise SettingsError(f"{name}={env.get(name)!r} is not a whole number (e.g. 2000000, or 4GiB for bytes)") \
+            from None
+    if value <= 0:
+        raise SettingsError(f"{name} must be positive")
+    return value
+
+
+def redact_url(url: str) -> str:
+    """``url`` with its password replaced by ``***`` (the user name kept), from the parsed URL.
+
+    When the URL does not parse cleanly (an unencoded ``/``, ``?`` or ``#`` in the password puts part of it in the
+    path), everything after the scheme is hidden rather than risk showing a piece of the password.
+    """
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        return url.split("://", 1)[0] + "://***" if "://" in url else "***"
+    if parts.password is None and "@" not in url:
+        return url
+    rest = parts.path + (f"?{parts.query}" if parts.query else "") + (f"#{parts.fragment}" if parts.fragment else "")
+    if "@" in rest or ":" in rest or not parts.hostname:
+        return f"{parts.scheme}://***"
+    user = parts.username or ""
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    return urlunsplit((parts.scheme, f"{user}:***@{host}" + (f":{port}" if port else ""), parts.path, "", ""))
 
 
 def embedded_redis_url(home: Path) -> str:

@@ -294,7 +294,7 @@ def merge_adapter(base_path: str | Path, adapter_dir: str | Path, dtype: torch.d
 
 
 def _bf16_compute(device: torch.device, precision: str) -> bool:
-    """Whether the engine's autocast runs this device in bf16 (the same rule as the trainer's ``_autocast``)."""
+    """Whether the engine's autocast runs this device in bf16 (the same rule as engine.model's ``autocast_for``)."""
     if precision == "bf16":
         return device.type == "cuda"  # a bf16 base on the CPU would be slow and inexact: keep fp32 there
     return precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()

@@ -13,6 +13,11 @@ A checkpoint ``step-00042/`` holds:
 
 It is written into ``.tmp-step-00042/`` beside, every file fsynced, then renamed. A crash mid-save leaves only
 a ``.tmp-*`` directory, which loaders never look at and the next job removes; loaders also require ``COMPLETE``.
+
+The files on disk, finding complete checkpoints, their sizes and crash-safe pruning live in
+:mod:`engine.checkpoint_layout` (no torch, so CLIs can use them) and are re-exported here. Campaign retention
+(:mod:`jobs.retention`) may strip an old checkpoint to its final weights: its optimizer and RNG files go and
+a ``WEIGHTS_ONLY`` marker stays; it still loads as a model but is never resumed from.
 """
 
 from __future__ import annotations
@@ -21,7 +26,6 @@ import json
 import logging
 import os
 import random
-import re
 import shutil
 import time
 from pathlib import Path
@@ -31,70 +35,34 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from engine.adapters import is_adapted, save_adapter
+from engine.checkpoint_layout import (  # noqa: F401 - re-exported: the files on disk, finding and pruning
+    MARKER_FILE,
+    OPTIMIZER_META,
+    OPTIMIZER_TENSORS,
+    RNG_META,
+    RNG_TENSORS,
+    STATE_FILE,
+    TMP_PREFIX,
+    TRAINING_STATE_FILES,
+    WEIGHTS_ONLY_MARKER,
+    checkpoint_name,
+    discard_checkpoint,
+    is_complete,
+    is_weights_only,
+    latest_checkpoint,
+    list_checkpoints,
+    prune_checkpoints,
+    read_checkpoint_state,
+    remove_stale_temp_dirs,
+    strip_to_weights,
+)
+from engine.checkpoint_layout import fsync_path as _fsync
+from engine.checkpoint_layout import write_json as _write_json
 from engine.errors import CheckpointError
 
 logger = logging.getLogger(__name__)
 
-STATE_FILE = "trainer_state.json"
-MARKER_FILE = "COMPLETE"
-OPTIMIZER_TENSORS = "optimizer.safetensors"
-OPTIMIZER_META = "optimizer.json"
-RNG_TENSORS = "rng.safetensors"
-RNG_META = "rng.json"
 STATE_FORMAT = 1
-
-_STEP_DIR = re.compile(r"^step-(\d+)$")
-_TMP_PREFIX = ".tmp-step-"
-
-
-def checkpoint_name(step: int) -> str:
-    return f"step-{step:05d}"
-
-
-# ---------------------------------------------------------------------------------------------------- finding
-
-
-def is_complete(path: Path) -> bool:
-    """True when ``path`` is a finished checkpoint: a ``step-N`` directory holding the final marker."""
-    return _STEP_DIR.match(path.name) is not None and (path / MARKER_FILE).is_file()
-
-
-def list_checkpoints(checkpoint_dir: Path) -> list[tuple[int, Path]]:
-    """The complete checkpoints in ``checkpoint_dir`` as ``(step, path)``, oldest first."""
-    found = []
-    try:
-        entries = list(Path(checkpoint_dir).iterdir())
-    except OSError:
-        return []
-    for entry in entries:
-        match = _STEP_DIR.match(entry.name)
-        if match and is_complete(entry):
-            found.append((int(match.group(1)), entry))
-    return sorted(found)
-
-
-def latest_checkpoint(checkpoint_dir: Path) -> Path | None:
-    """The newest complete checkpoint directory in ``checkpoint_dir``, or None."""
-    found = list_checkpoints(checkpoint_dir)
-    return found[-1][1] if found else None
-
-
-def read_checkpoint_state(path: Path) -> dict[str, Any]:
-    """The ``trainer_state.json`` of a complete checkpoint.
-
-    Raises:
-        CheckpointError: ``path`` is not a complete checkpoint or its state cannot be read.
-    """
-    path = Path(path)
-    if not is_complete(path):
-        raise CheckpointError(
-            f"{path} is not a complete checkpoint (no {MARKER_FILE} marker in a step-N directory); "
-            "resume from engine.checkpoint.latest_checkpoint() of its directory"
-        )
-    try:
-        return json.loads((path / STATE_FILE).read_text())
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{path / STATE_FILE}: cannot read the trainer state ({exc})") from None
 
 
 # ----------------------------------------------------------------------------------------------------- saving
@@ -106,12 +74,17 @@ def save_checkpoint(
     """Write the checkpoint of ``step`` atomically and prune old ones; return its directory.
 
     If a complete checkpoint of ``step`` already exists it is kept and returned as is.
+
+    Raises:
+        CheckpointError: a weight of ``model`` is NaN or infinite. Nothing is written, so the last good
+            checkpoint stays the newest and a campaign never continues from broken weights.
     """
     checkpoint_dir = Path(checkpoint_dir)
     final = checkpoint_dir / checkpoint_name(step)
     if is_complete(final):
         return final
-    tmp = checkpoint_dir / f"{_TMP_PREFIX}{step:05d}"
+    check_finite_weights(model, step)
+    tmp = checkpoint_dir / f"{TMP_PREFIX}{step:05d}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     started = time.perf_counter()
@@ -145,26 +118,26 @@ def save_checkpoint(
     return final
 
 
-def prune_checkpoints(checkpoint_dir: Path, keep: int) -> None:
-    """Delete all but the newest ``keep`` complete checkpoints (only ever after a new one is complete)."""
-    for _, path in list_checkpoints(checkpoint_dir)[: -max(1, keep)]:
-        shutil.rmtree(path, ignore_errors=True)
-        logger.debug("removed old checkpoint %s", path)
-
-
-def remove_stale_temp_dirs(checkpoint_dir: Path) -> None:
-    """Remove ``.tmp-step-*`` directories left by a save that was killed (one job writes a directory at a time)."""
-    try:
-        entries = list(Path(checkpoint_dir).iterdir())
-    except OSError:
-        return
-    for entry in entries:
-        if entry.name.startswith(_TMP_PREFIX) and entry.is_dir():
-            logger.warning("removing incomplete checkpoint %s left by an interrupted save", entry)
-            shutil.rmtree(entry, ignore_errors=True)
-
-
 # ---------------------------------------------------------------------------------------------------- loading
+
+
+def check_finite_weights(model, step: int) -> None:
+    """Raise CheckpointError naming the parameters of ``model`` that hold a NaN or an infinity.
+
+    One device-to-host transfer for the whole model (the flags are stacked on the device first).
+    """
+    named = [(name, p) for name, p in model.named_parameters()]
+    if not named:
+        return
+    with torch.no_grad():
+        flags = torch.stack([torch.isfinite(p).all().to(named[0][1].device) for _, p in named]).tolist()
+    bad = [name for (name, _), ok in zip(named, flags) if not ok]
+    if bad:
+        shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+        raise CheckpointError(
+            f"refusing to save {checkpoint_name(step)}: non-finite weights (NaN or inf) in {shown}; the last good "
+            "checkpoint stays the latest. Lower hyperparams.learning_rate (or max_grad_norm), or check the data"
+        )
 
 
 def _read_tensors_and_meta(path: Path, tensors_name: str, meta_name: str, what: str):
@@ -234,16 +207,3 @@ def _optimizer_to_files(state_dict: dict[str, Any]) -> tuple[dict[str, torch.Ten
             else:
                 scalars.setdefault(str(index), {})[name] = value
     return tensors, {"state": scalars, "param_groups": state_dict["param_groups"]}
-
-
-def _write_json(path: Path, data: Any) -> None:
-    path.write_text(json.dumps(data, indent=1, sort_keys=True))
-
-
-def _fsync(path: Path) -> None:
-    """Flush a file's or a directory's (its entries') writes to disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

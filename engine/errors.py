@@ -31,3 +31,19 @@ class CheckpointError(EngineError):
 class FinetuneUnsupported(EngineError):
     """Raised when a finetune mode cannot train on this worker (QLoRA without CUDA or bitsandbytes), or its adapter
     settings do not fit the model. Raised before any weight is loaded where that can be known."""
+
+
+class AttentionConfigError(EngineError):
+    """Raised when the configured attention cannot keep packed examples apart on this device or model (which would
+    let examples attend to each other), or cannot train there at all. The message names the key and the fix."""
+
+
+class EvalSetInvalid(EngineError):
+    """Raised when a campaign's eval set cannot be evaluated by this hero: no example keeps a loss token within its
+    max_length, or the chat template rejects a line (named by file and line). The job fails: the fault is the eval
+    set's, not the job's data."""
+
+
+class EvalSetTooLarge(EngineError):
+    """Raised when an eval set has more tokens than the job's ``hyperparams.eval_max_tokens`` allows; the message
+    gives both numbers and the fix."""

@@ -15,46 +15,45 @@ imports it, and must start fast, so torch, transformers and numpy stay out of it
 
 from __future__ import annotations
 
-import difflib
 import errno
-import hashlib
+import io
 import json
 import logging
 import os
 import re
 import stat
-from bisect import bisect_right
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import BinaryIO
 
 from config.errors import GuildError
+from engine.example_checks import FORMAT_NAMES as _FORMAT_NAMES
+from engine.example_checks import FORMATS, ROLES, example_fields, kind, line_format
+
+__all__ = ["FORMATS", "ROLES"]  # re-exported: the formats and roles are part of this module's interface
+from engine.jsonl_reader import UTF8_BOM as _UTF8_BOM
+from engine.jsonl_reader import Line, LineSource
 
 logger = logging.getLogger(__name__)
 
-FORMATS = ("messages", "prompt_response", "text")
-ROLES = ("system", "user", "assistant")
 
 DEFAULT_MAX_PROBLEMS = 20
+
+# Limits python -m enqueue applies (settings: GUILD_MAX_DATASET_BYTES, GUILD_MAX_LINE_BYTES, GUILD_MAX_EXAMPLES).
+# A line needs no more than a few hundred KiB even at a 32k-token max_length (JSON escapes included); a file is
+# one job, and a campaign takes any number of them.
+from config.dataset_limits import (  # noqa: E402,F401 - defined below the engine; re-exported
+    DEFAULT_LIMITS,
+    DEFAULT_MAX_EXAMPLES,
+    DEFAULT_MAX_FILE_BYTES,
+    DEFAULT_MAX_LINE_BYTES,
+    DatasetLimits,
+)
 
 # The token estimate: English-like text runs at about 3.6 UTF-8 bytes per token with common BPE vocabularies,
 # and a chat template adds a few tokens (role markers, separators) around each message or segment.
 BYTES_PER_TOKEN = 3.6
 TEMPLATE_TOKENS_PER_SEGMENT = 8
-
-_FORMAT_NAMES = {"messages": "messages", "prompt_response": "prompt/response", "text": "text"}
-_FORMAT_OF_KEY = {"messages": "messages", "prompt": "prompt_response", "response": "prompt_response", "text": "text"}
-_MESSAGE_KEYS = ("role", "content")
-_ONE_OF = "a line holds exactly one of: messages / prompt+response / text"
-
-# Keys of other well-known dataset layouts, and how to convert them.
-_FOREIGN_KEY_HINTS = {
-    "conversations": "convert ShareGPT 'conversations' (from/value) to 'messages' (role/content)",
-    "instruction": "convert Alpaca instruction/input/output to 'prompt' and 'response'",
-    "input": "convert Alpaca instruction/input/output to 'prompt' and 'response'",
-    "output": "convert Alpaca instruction/input/output to 'prompt' and 'response'",
-    "completion": "rename 'completion' to 'response'",
-}
-_ROLE_HINTS = {"human": "user", "gpt": "assistant", "bot": "assistant", "model": "assistant", "ai": "assistant"}
 
 # Leading bytes of files people hand over by mistake: (magic, what it is, how to fix it).
 _MAGIC = (
@@ -64,17 +63,18 @@ _MAGIC = (
     (b"\x28\xb5\x2f\xfd", "a zstd-compressed file", "decompress it first (unzstd)"),
     (b"PAR1", "a Parquet file", "export it to JSON Lines, one JSON object per line"),
 )
-_UTF8_BOM = b"\xef\xbb\xbf"
 
 # With errors="surrogateescape" every byte that is not valid UTF-8 decodes to one of these characters.
 _ESCAPED_BYTE = re.compile("[\\udc80-\\udcff]")
-# A JSON "\\ud83d" escape without its pair decodes to a lone surrogate, which no tokenizer can encode.
-_SURROGATE = re.compile("[\\ud800-\\udfff]")
-_JSON_ARRAY_START = re.compile(r"[ \t\r\n]*\[")
 
 _DECODER = json.JSONDecoder()
 _PRETTY_WINDOW_CHARS = 2048  # first guess at the size of a pretty-printed object; doubled as needed
-_MISSING = object()
+_PRETTY_MAX_BYTES = 16 * 2**20  # how far to look ahead for the end of a pretty-printed object
+_HEAD_BYTES = 4096  # the first bytes, for the whole-file checks (compressed, UTF-16/32)
+_JSON_ARRAY_PROBE_BYTES = 8 * 2**20  # a file starting with "[" up to this size is parsed whole to name it an array
+_CSV_SNIFF_CHARS = 4096  # how much of a line is kept to tell CSV from broken JSON
+
+
 
 
 @dataclass(frozen=True)
@@ -134,8 +134,19 @@ class DatasetError(GuildError):
     def __str__(self) -> str:
         lines = [str(problem) for problem in self.problems]
         if self.omitted:
-            lines.append(f"and {self.omitted} more problem{'' if self.omitted == 1 else 's'}")
+            lines.append(self._more())
         return "\n".join(lines)
+
+    def report_lines(self) -> list[str]:
+        """One line per problem, then ``FILE: and N more problems`` when some were left out (for a list that
+        mixes several files' problems)."""
+        lines = [str(problem) for problem in self.problems]
+        if self.omitted:
+            lines.append(f"{self.problems[0].path}: {self._more()}" if self.problems else self._more())
+        return lines
+
+    def _more(self) -> str:
+        return f"and {self.omitted} more problem{'' if self.omitted == 1 else 's'}"
 
 
 @dataclass(frozen=True)
@@ -150,14 +161,18 @@ class DatasetSummary:
 
 
 def read_examples(
-    path: str | os.PathLike, display_path: str | None = None, max_problems: int = DEFAULT_MAX_PROBLEMS
+    path: str | os.PathLike,
+    display_path: str | None = None,
+    max_problems: int = DEFAULT_MAX_PROBLEMS,
+    limits: DatasetLimits | None = None,
 ) -> list[Example]:
-    """Read, parse and validate a whole dataset file.
+    """Read, parse and validate a whole dataset file, one line at a time.
 
     Args:
         path: the file to read.
         display_path: how to name the file in problems; defaults to ``path`` as given.
         max_problems: list at most this many problems; the error then says how many more there are.
+        limits: size limits to enforce (None: no limits, e.g. for a copy already checked at enqueue).
 
     Returns:
         The examples, in file order (at least one).
@@ -166,34 +181,40 @@ def read_examples(
         DatasetError: the file cannot be read or has any problem (every line is checked).
     """
     shown = display_path if display_path is not None else os.fspath(path)
-    return parse_bytes(read_bytes(path, shown), shown, max_problems)
+    scan = _scan_file(path, shown, max_problems, limits, keep_examples=True)
+    return scan.examples
 
 
 def validate_file(
-    path: str | os.PathLike, display_path: str | None = None, max_problems: int = DEFAULT_MAX_PROBLEMS
+    path: str | os.PathLike,
+    display_path: str | None = None,
+    max_problems: int = DEFAULT_MAX_PROBLEMS,
+    limits: DatasetLimits | None = None,
 ) -> DatasetSummary:
-    """Read a dataset file once, validate every line and summarise it.
+    """Validate every line of a dataset file in one streaming pass and summarise it.
+
+    Memory stays constant whatever the file's size: lines are checked as they are read and only counted.
 
     Args:
         path: the file to read.
         display_path: how to name the file in problems and in the summary; defaults to ``path`` as given.
         max_problems: list at most this many problems; the error then says how many more there are.
+        limits: size limits to enforce (:data:`DEFAULT_LIMITS` is what ``python -m enqueue`` uses).
 
     Returns:
         The summary: format, number of examples, estimated tokens and the sha256 of the file's bytes.
 
     Raises:
-        DatasetError: the file cannot be read or has any problem.
+        DatasetError: the file cannot be read, is over a limit or has any problem.
     """
     shown = display_path if display_path is not None else os.fspath(path)
-    data = read_bytes(path, shown)
-    examples = parse_bytes(data, shown, max_problems)
+    scan = _scan_file(path, shown, max_problems, limits, keep_examples=False)
     summary = DatasetSummary(
         path=shown,
-        format=examples[0].format,
-        num_examples=len(examples),
-        estimated_tokens=estimate_tokens(examples),
-        sha256=hashlib.sha256(data).hexdigest(),
+        format=scan.file_format,
+        num_examples=scan.num_examples,
+        estimated_tokens=_token_estimate(scan.content_bytes, scan.num_segments),
+        sha256=scan.sha256,
     )
     logger.debug(
         "validated %s: %d %s examples, about %d tokens",
@@ -205,24 +226,30 @@ def validate_file(
     return summary
 
 
-def parse_bytes(data: bytes, display_path: str, max_problems: int = DEFAULT_MAX_PROBLEMS) -> list[Example]:
-    """Parse and validate the bytes of a dataset file.
+def parse_bytes(
+    data: bytes, display_path: str, max_problems: int = DEFAULT_MAX_PROBLEMS, limits: DatasetLimits | None = None
+) -> list[Example]:
+    """Parse and validate the bytes of a dataset file (the same checks as :func:`read_examples`).
 
     Args:
         data: the raw bytes of the file.
         display_path: how to name the file in problems.
         max_problems: list at most this many problems; the error then says how many more there are.
+        limits: size limits to enforce (None: none).
 
     Returns:
         The examples, in file order (at least one).
 
     Raises:
-        DatasetError: anything is wrong: encoding, JSON, a field, formats mixed, or no example at all.
+        DatasetError: anything is wrong: encoding, JSON, a field, formats mixed, a limit, or no example at all.
         ValueError: ``max_problems`` is below 1.
     """
-    if max_problems < 1:
-        raise ValueError(f"max_problems must be at least 1, got {max_problems}")
-    return _Parser(display_path, max_problems).parse(data)
+    scan = _Scanner(display_path, max_problems, limits, keep_examples=True)
+    if limits is not None and limits.max_file_bytes is not None and len(data) > limits.max_file_bytes:
+        scan.add_file_problem(_file_too_big(len(data), limits.max_file_bytes))
+        raise scan.fail()
+    scan.run(io.BytesIO(data), len(data))
+    return scan.examples
 
 
 def estimate_tokens(examples: Iterable[Example]) -> int:
@@ -245,6 +272,10 @@ def estimate_tokens(examples: Iterable[Example]) -> int:
         for segment in _segments(example):
             total_bytes += len(segment.encode("utf-8"))
             num_segments += 1
+    return _token_estimate(total_bytes, num_segments)
+
+
+def _token_estimate(total_bytes: int, num_segments: int) -> int:
     # ceil(total_bytes / BYTES_PER_TOKEN) in integers (tenths of a byte): 3.6 is not exact in binary floating point.
     return -(-total_bytes * 10 // round(BYTES_PER_TOKEN * 10)) + TEMPLATE_TOKENS_PER_SEGMENT * num_segments
 
@@ -254,20 +285,58 @@ def estimate_tokens(examples: Iterable[Example]) -> int:
 
 
 def read_bytes(path: str | os.PathLike, shown: str) -> bytes:
-    """Return the file's bytes, or raise DatasetError with a whole-file problem saying why they cannot be read."""
+    """Return the whole file's bytes, or raise DatasetError with a whole-file problem saying why they cannot be read.
+
+    Kept for callers that want the bytes; Guild itself streams (:func:`validate_file`, :func:`read_examples`).
+    """
+    with _open_dataset(path, shown) as handle:
+        return handle.read()
+
+
+def _open_dataset(path: str | os.PathLike, shown: str, limits: DatasetLimits | None = None) -> BinaryIO:
+    """Open a dataset file for reading, or raise DatasetError with a whole-file problem saying why not."""
     try:
         # stat() first: open() on a FIFO would block until someone writes to it.
-        mode = os.stat(path).st_mode
-        if stat.S_ISDIR(mode):
+        st = os.stat(path)
+        if stat.S_ISDIR(st.st_mode):
             message = "is a directory, not a .jsonl file"
-        elif not stat.S_ISREG(mode):
+        elif not stat.S_ISREG(st.st_mode):
             message = "is not a regular file (a device, FIFO or socket); give the path of a .jsonl file"
+        elif limits is not None and limits.max_file_bytes is not None and st.st_size > limits.max_file_bytes:
+            message = _file_too_big(st.st_size, limits.max_file_bytes)
         else:
-            with open(path, "rb") as handle:
-                return handle.read()
+            return open(path, "rb")  # noqa: SIM115 - the caller closes it
     except OSError as exc:
         message = _os_error_message(path, exc)
     raise DatasetError([Problem(shown, None, message)])
+
+
+def _scan_file(path, shown: str, max_problems: int, limits: DatasetLimits | None, keep_examples: bool) -> _Scanner:
+    scan = _Scanner(shown, max_problems, limits, keep_examples)
+    with _open_dataset(path, shown, limits) as handle:
+        try:
+            size = os.fstat(handle.fileno()).st_size
+        except (OSError, io.UnsupportedOperation):
+            size = None
+        scan.run(handle, size)
+    return scan
+
+
+def _file_too_big(size: int, limit: int, grew: bool = False) -> str:
+    what = f"grew past {_bytes_text(limit)} while being read" if grew else f"is {_bytes_text(size)}"
+    return (
+        f"{what}, over the limit of {_bytes_text(limit)} per dataset file; split it into several files (each "
+        "becomes a job of the same campaign) or raise GUILD_MAX_DATASET_BYTES"
+    )
+
+
+def _bytes_text(n: int) -> str:
+    """``1.5 GiB``, ``512 KiB``, ``37 bytes``."""
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            value = n / size
+            return f"{value:.0f} {unit}" if value == int(value) else f"{value:.1f} {unit}"
+    return f"{n} bytes"
 
 
 def _os_error_message(path: str | os.PathLike, exc: OSError) -> str:
@@ -290,21 +359,36 @@ def _os_error_message(path: str | os.PathLike, exc: OSError) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Parsing
+# Scanning: one pass over the lines
 
 
-class _Parser:
-    """One pass over one file's bytes: collects the examples and the problems, in file order."""
+class _Scanner:
+    """One streaming pass over one file: checks every line, collects problems in file order, counts or keeps
+    the examples, hashes the bytes."""
 
-    def __init__(self, shown: str, max_problems: int):
+    def __init__(self, shown: str, max_problems: int, limits: DatasetLimits | None, keep_examples: bool):
+        if max_problems < 1:
+            raise ValueError(f"max_problems must be at least 1, got {max_problems}")
         self.shown = shown
         self.max_problems = max_problems
+        self.limits = limits or DatasetLimits()
+        self.keep_examples = keep_examples
         self.problems: list[Problem] = []
         self.omitted = 0
-        self.not_utf8 = False  # set by _decode when some bytes are not UTF-8
+        self.examples: list[Example] = []
+        self.num_examples = 0
+        self.content_bytes = 0
+        self.num_segments = 0
+        self.sha256 = ""
         self.file_format = ""  # the format of the first line that has one, and that line
         self.format_line = 0
         self.mixed_reported = False
+        self.not_utf8: tuple[int, str] | None = None  # the first line that is not UTF-8 (number, decoded text)
+        self.not_utf8_more = 0  # how many lines after it are not UTF-8 either
+        self.first_lines: list[tuple[str, bool]] = []  # up to 3 non-blank lines (text, parsed as JSON)
+        self.entries = 0  # non-blank lines (a pretty-printed object counts once)
+
+    # -- problems ----------------------------------------------------------------------------------------
 
     def add(self, line: int | None, message: str) -> None:
         """Record a problem; beyond max_problems only count it."""
@@ -313,64 +397,55 @@ class _Parser:
         else:
             self.omitted += 1
 
+    def add_file_problem(self, message: str) -> None:
+        """Record a whole-file problem: whole-file problems come first, before any line's."""
+        self.problems.insert(0, Problem(self.shown, None, message))
+        if len(self.problems) > self.max_problems:
+            self.problems.pop()
+            self.omitted += 1
+
     def fail(self) -> DatasetError:
         """Return the error listing the problems recorded so far."""
         return DatasetError(self.problems, self.omitted)
 
-    def parse(self, data: bytes) -> list[Example]:
-        """Return the examples of ``data``; raise DatasetError if anything is wrong."""
-        text = self._decode(data)
-        if text is None:
-            raise self.fail()
-        if _JSON_ARRAY_START.match(text) and self._is_json_array(text):
-            raise self.fail()
-        examples = self._parse_lines(text)
-        if self.problems:
-            raise self.fail()
-        if not examples:
-            self.add(None, "no examples; a dataset needs at least one line (one JSON object per line)")
-            raise self.fail()
-        return examples
+    # -- the pass ------------------------------------------------------------------------------------------
 
-    # -- the bytes -------------------------------------------------------------------------------------
+    def run(self, stream: BinaryIO, size: int | None) -> None:
+        """Check every line of ``stream``; raise DatasetError if anything is wrong."""
+        head = stream.read(_HEAD_BYTES)
+        if not self._check_head(head):
+            raise self.fail()
+        first = head.removeprefix(_UTF8_BOM).lstrip(b" \t\r\n")[:1]
+        if first == b"[" and size is not None and size <= min(_JSON_ARRAY_PROBE_BYTES, self.limits.max_file_bytes
+                                                              or _JSON_ARRAY_PROBE_BYTES):
+            stream.seek(0)
+            if self._is_json_array(stream.read()):
+                raise self.fail()
+        stream.seek(0)
+        source = LineSource(stream, self.limits.max_line_bytes)
+        self._lines(source)  # returns early, without reading the rest, at a NUL byte or a limit
+        self.sha256 = source.sha256.hexdigest()  # of the whole file when every line was read
+        self._finish()
 
-    def _decode(self, data: bytes) -> str | None:
-        """Decode ``data`` as UTF-8 (bytes that are not UTF-8 stay as surrogate escapes, reported per line).
-
-        Returns None after recording a whole-file problem when the bytes are not text at all.
-        """
+    def _check_head(self, head: bytes) -> bool:
+        """Whole-file checks on the first bytes; False after recording a problem when the file is not text."""
         for magic, what, fix in _MAGIC:
-            if data.startswith(magic):
+            if head.startswith(magic):
                 self.add(None, f"looks like {what}, not a .jsonl file; {fix}")
-                return None
-        if data.startswith((b"\xff\xfe\x00\x00", b"\x00\x00\xfe\xff")):
+                return False
+        if head.startswith((b"\xff\xfe\x00\x00", b"\x00\x00\xfe\xff")):
             self.add(None, "looks like UTF-32 (it starts with a UTF-32 byte order mark); save the file as UTF-8")
-            return None
-        if data.startswith((b"\xff\xfe", b"\xfe\xff")) or _looks_like_utf16(data):
+            return False
+        if head.startswith((b"\xff\xfe", b"\xfe\xff")) or _looks_like_utf16(head):
             self.add(None, "looks like UTF-16; save the file as UTF-8")
-            return None
-        data = data.removeprefix(_UTF8_BOM)
-        nul = data.find(b"\x00")
-        if nul >= 0:
-            line_start = data.rfind(b"\n", 0, nul) + 1
-            line = data.count(b"\n", 0, nul) + 1
-            self.add(
-                line,
-                f"holds a NUL byte (0x00 at byte {nul - line_start + 1} of the line); this looks like a binary "
-                "file, not UTF-8 JSON Lines",
-            )
-            return None
-        try:
-            return data.decode("utf-8")
-        except UnicodeDecodeError:
-            self.not_utf8 = True
-            return data.decode("utf-8", "surrogateescape")
+            return False
+        return True
 
-    def _is_json_array(self, text: str) -> bool:
-        """Record a problem and return True if the whole text is one JSON array (JSON, not JSON Lines)."""
+    def _is_json_array(self, data: bytes) -> bool:
+        """Record a problem and return True if the whole file is one JSON array (JSON, not JSON Lines)."""
         try:
-            value = json.loads(text)
-        except (json.JSONDecodeError, RecursionError):
+            value = json.loads(data.removeprefix(_UTF8_BOM).decode("utf-8"))
+        except (ValueError, RecursionError):
             return False
         if not isinstance(value, list):
             return False
@@ -381,67 +456,126 @@ class _Parser:
         )
         return True
 
-    # -- the lines -------------------------------------------------------------------------------------
-
-    def _parse_lines(self, text: str) -> list[Example]:
-        """Parse and validate every line; record problems; return the valid examples."""
-        lines = text.split("\n")  # not splitlines(): JSON strings may hold U+2028 and friends
-        truncated_last = not text.endswith("\n")
-        bad_lines = [i for i, line in enumerate(lines) if _ESCAPED_BYTE.search(line)] if self.not_utf8 else []
-        bad_set = set(bad_lines)
-        offsets: list[int] = []  # start offset of each line, computed once a multi-line object is suspected
-        examples: list[Example] = []
-        i = 0
-        while i < len(lines):
-            raw, index = lines[i], i
-            i += 1
-            if not raw.strip():
+    def _lines(self, source: LineSource) -> None:
+        """Check the lines one by one; stop early on a NUL byte or a limit."""
+        max_examples, max_bytes = self.limits.max_examples, self.limits.max_file_bytes
+        while (line := source.next()) is not None:
+            if max_bytes is not None and source.bytes_read > max_bytes:  # it grew since it was opened
+                self.add_file_problem(_file_too_big(source.bytes_read, max_bytes, grew=True))
+                return
+            raw = line.raw
+            nul = raw.find(b"\x00")
+            if nul >= 0:
+                # A binary file: whatever else was found is noise next to that.
+                self.problems, self.omitted, self.not_utf8 = [], 0, None
+                self.add(
+                    line.number,
+                    f"holds a NUL byte (0x00 at byte {nul + 1} of the line); this looks like a binary file, not "
+                    "UTF-8 JSON Lines",
+                )
+                return
+            if not line.too_long and not raw.strip():
                 continue
-            if index in bad_set:
-                # One problem for the whole file: the fix (save as UTF-8) is the same for every line.
-                if index == bad_lines[0]:
-                    self.add(index + 1, _not_utf8_message(raw, len(bad_lines) - 1))
+            self.entries += 1
+            if max_examples is not None and self.entries > max_examples:
+                self.add_file_problem(
+                    f"holds more than {max_examples:,} examples (checked up to line {line.number - 1}); the limit "
+                    "is per dataset file: split it into several files (each becomes a job of the same campaign) "
+                    "or raise GUILD_MAX_EXAMPLES"
+                )
+                return
+            if line.too_long:
+                self.add(line.number, _too_long_message(line, self.limits.max_line_bytes or 0))
                 continue
             try:
-                value = json.loads(raw)
-            except json.JSONDecodeError as exc:
-                end = None
-                if exc.pos >= len(raw.rstrip()):  # the line is unfinished, not malformed: is it pretty-printed?
-                    offsets = offsets or _line_offsets(lines)
-                    end = _multi_line_object_end(text, lines, offsets, index)
-                if end is None:
-                    is_last = truncated_last and index == len(lines) - 1
-                    self.add(index + 1, _invalid_json_message(exc, raw, truncated=is_last))
-                else:
-                    self.add(
-                        index + 1,
-                        f"a JSON object spans lines {index + 1}-{end + 1}; write one JSON object per line "
-                        "(JSON Lines), e.g. with json.dumps(obj) and no indent",
-                    )
-                    i = end + 1
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                self._not_utf8(line.number, raw.decode("utf-8", "surrogateescape"))
                 continue
-            except RecursionError:
-                self.add(index + 1, "invalid JSON: nested too deeply")
-                continue
-            example = self._check_value(value, index + 1)
-            if example is not None:
-                examples.append(example)
-        return examples
+            self._line(source, line, text)
+
+    def _line(self, source: LineSource, line: Line, text: str) -> None:
+        """Check one decoded, non-blank line."""
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as exc:
+            self._remember(text, parsed=False)
+            end = None
+            if exc.pos >= len(text.rstrip()):  # the line is unfinished, not malformed: is it pretty-printed?
+                end = _multi_line_object_end(source, line, text, self.limits.max_line_bytes)
+            if end is None:
+                self.add(line.number, _invalid_json_message(exc, text, truncated=not line.ended))
+            else:
+                self.add(
+                    line.number,
+                    f"a JSON object spans lines {line.number}-{end}; write one JSON object per line "
+                    "(JSON Lines), e.g. with json.dumps(obj) and no indent",
+                )
+            return
+        except RecursionError:
+            self._remember(text, parsed=False)
+            self.add(line.number, "invalid JSON: nested too deeply")
+            return
+        self._remember(text, parsed=True)
+        example = self._check_value(value, line.number)
+        if example is None:
+            return
+        self.num_examples += 1
+        for segment in _segments(example):
+            self.content_bytes += len(segment.encode("utf-8"))
+            self.num_segments += 1
+        if self.keep_examples:
+            self.examples.append(example)
+
+    def _remember(self, text: str, parsed: bool) -> None:
+        if len(self.first_lines) < 3:
+            self.first_lines.append((text[:_CSV_SNIFF_CHARS], parsed))
+
+    def _not_utf8(self, number: int, decoded: str) -> None:
+        """One problem for the whole file: the fix (save as UTF-8) is the same for every line."""
+        if self.not_utf8 is None:
+            self.not_utf8 = (number, decoded[:_CSV_SNIFF_CHARS])
+            self.add(number, _not_utf8_message(decoded, 0))
+        else:
+            self.not_utf8_more += 1
+
+    def _finish(self) -> None:
+        """The checks that need the whole file; raise DatasetError if anything is wrong."""
+        if self.not_utf8 is not None and self.not_utf8_more:
+            number, decoded = self.not_utf8
+            self.problems = [
+                Problem(self.shown, number, _not_utf8_message(decoded, self.not_utf8_more))
+                if p.line == number and p.message.startswith("not UTF-8") else p
+                for p in self.problems
+            ]
+        delimiter = _looks_like_csv(self.first_lines)
+        if delimiter:
+            self.add_file_problem(
+                f"this looks like {delimiter}, not JSON Lines; convert each row to one JSON object per line, "
+                'e.g. {"prompt": "...", "response": "..."}'
+            )
+        if self.problems or self.omitted:
+            raise self.fail()
+        if not self.num_examples:
+            self.add(None, "no examples; a dataset needs at least one line (one JSON object per line)")
+            raise self.fail()
 
     def _check_value(self, value: object, line: int) -> Example | None:
         """Validate the JSON value of a line; record its problems; return its Example, or None if invalid."""
         if not isinstance(value, dict):
             hint = "; write one example per line, not a list of them" if isinstance(value, list) else ""
-            self.add(line, f'expected a JSON object like {{"messages": [...]}}, got {_kind(value)}{hint}')
+            self.add(line, f'expected a JSON object like {{"messages": [...]}}, got {kind(value)}{hint}')
             return None
-        fmt, key_problems = _line_format(value)
+        fmt, key_problems = line_format(value)
         for message in key_problems:
             self.add(line, message)
         if fmt is None:
             return None
+        other_format = False
         if not self.file_format:
             self.file_format, self.format_line = fmt, line
         elif fmt != self.file_format:
+            other_format = True
             # Only the first line that differs: past it, every line of the other format would differ too.
             if not self.mixed_reported:
                 self.add(
@@ -450,11 +584,13 @@ class _Parser:
                     f"{_FORMAT_NAMES[self.file_format]} format at line {self.format_line}; use one format per file",
                 )
                 self.mixed_reported = True
-            return None
-        example, field_problems = _build_example(fmt, value, line)
+        # A line of the other format is still checked: its own problems are worth knowing too.
+        fields, field_problems = example_fields(fmt, value)
         for message in field_problems:
             self.add(line, message)
-        return None if key_problems else example
+        if fields is None or key_problems or other_format:
+            return None
+        return Example(fmt, line, **fields)
 
 
 def _looks_like_utf16(data: bytes) -> bool:
@@ -469,44 +605,82 @@ def _looks_like_utf16(data: bytes) -> bool:
     return mostly_nul
 
 
-def _line_offsets(lines: list[str]) -> list[int]:
-    """Return the offset in the text where each line starts."""
-    offsets = []
-    position = 0
-    for line in lines:
-        offsets.append(position)
-        position += len(line) + 1
-    return offsets
+def _multi_line_object_end(source: LineSource, line: Line, text: str, max_line_bytes: int | None) -> int | None:
+    """The number of the line where a pretty-printed JSON object starting on ``line`` ends, or None.
 
-
-def _multi_line_object_end(text: str, lines: list[str], offsets: list[int], index: int) -> int | None:
-    """Return the index of the line where a pretty-printed JSON object starting on line ``index`` ends.
-
-    Returns None if no valid JSON object starts there, or if it ends on the same line.
+    Looks ahead through the following lines (given back to ``source`` unless they belong to the object);
+    None when no valid JSON object starts there, it ends on the same line, or it would run past the look-ahead
+    budget.
     """
-    line = lines[index]
-    start = offsets[index] + len(line) - len(line.lstrip(" \t\r"))
-    if not text.startswith("{", start):
+    stripped = text.lstrip(" \t\r")
+    if not stripped.startswith("{"):
         return None
-    # Decode a window of whole lines, doubled while the object runs past it: a JSONDecodeError counts the
-    # lines before its position, so decoding the rest of a big file for every bad line would be quadratic.
-    size = _PRETTY_WINDOW_CHARS
+    budget = max(_PRETTY_MAX_BYTES, 4 * (max_line_bytes or 0))
+    taken: list[Line] = []
+    parts = [stripped, "\n"]
+    size = len(stripped)
+    window_goal = _PRETTY_WINDOW_CHARS
     while True:
-        newline = text.find("\n", start + size)
-        stop = len(text) if newline < 0 else newline + 1
-        window = text[start:stop]
+        # Decode a window of whole lines, doubled while the object runs past it: decoding after every added
+        # line would be quadratic in the object's length.
+        while size < window_goal:
+            nxt = source.next()
+            if nxt is None or nxt.too_long or b"\x00" in nxt.raw:
+                if nxt is not None:
+                    source.push_back([nxt])
+                break
+            try:
+                part = nxt.raw.decode("utf-8")
+            except UnicodeDecodeError:
+                source.push_back([nxt])
+                break
+            taken.append(nxt)
+            parts += [part, "\n"]
+            size += len(part) + 1
+        window = "".join(parts)
         try:
             _, end = _DECODER.raw_decode(window)
             break
         except RecursionError:
+            source.push_back(taken)
             return None
         except json.JSONDecodeError as exc:
             # A string cannot span lines, so an error before the window's last non-blank character is a real one.
-            if stop == len(text) or exc.pos < len(window.rstrip()):
+            if size < window_goal or exc.pos < len(window.rstrip()) or size > budget:
+                source.push_back(taken)
                 return None
-            size *= 2
-    end_index = bisect_right(offsets, start + end - 1) - 1
-    return end_index if end_index > index else None
+            window_goal *= 2
+    lines_used = window.count("\n", 0, end)  # newlines before the object's last character
+    if lines_used == 0:
+        source.push_back(taken)
+        return None
+    source.push_back(taken[lines_used:])
+    return taken[lines_used - 1].number
+
+
+def _too_long_message(line: Line, limit: int) -> str:
+    message = (
+        f"the line is longer than {_bytes_text(limit)}, the limit per line (no example needs that much: it would "
+        "be cut at the hero's max_length); shorten or split it, or raise GUILD_MAX_LINE_BYTES"
+    )
+    if b"\r" in line.raw.rstrip(b"\r"):
+        message += "; the file seems to end lines with CR only: use LF (or CRLF) line ends"
+    return message
+
+
+def _looks_like_csv(first_lines: list[tuple[str, bool]]) -> str:
+    """"CSV (comma-separated values)" (or TSV, ...) when the first lines read as delimited rows, else ""."""
+    if not first_lines or any(parsed for _, parsed in first_lines):
+        return ""
+    texts = [text for text, _ in first_lines]
+    if texts[0].lstrip().startswith(("{", "[")):
+        return ""
+    for delimiter, name in ((",", "CSV (comma-separated values)"), ("\t", "TSV (tab-separated values)"),
+                            (";", "CSV (semicolon-separated values)")):
+        counts = [text.count(delimiter) for text in texts]
+        if counts[0] >= 1 and all(count >= 1 for count in counts):
+            return name
+    return ""
 
 
 def _not_utf8_message(line: str, num_other_lines: int) -> str:
@@ -533,152 +707,6 @@ def _invalid_json_message(exc: json.JSONDecodeError, raw: str, truncated: bool) 
     elif stripped in ("{", "["):
         message += "; the line holds only '" + stripped + "': write one JSON object per line (JSON Lines)"
     return message
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Validating one line's object
-
-
-def _line_format(obj: dict) -> tuple[str | None, list[str]]:
-    """Return the format a line's keys say (None if they say none or several) and the problems of its keys."""
-    problems = []
-    unknown = [key for key in obj if key not in _FORMAT_OF_KEY]
-    if unknown:
-        hint = _key_hint(unknown[0], _FORMAT_OF_KEY, _FOREIGN_KEY_HINTS)
-        problems.append(
-            f"unknown {_keys_phrase(unknown)}{hint}; {_ONE_OF}, and no other key (keep ids and metadata elsewhere)"
-        )
-    formats = sorted({_FORMAT_OF_KEY[key] for key in obj if key in _FORMAT_OF_KEY}, key=FORMATS.index)
-    if len(formats) == 1:
-        return formats[0], problems
-    if len(formats) > 1:
-        found = " and ".join(_FORMAT_NAMES[fmt] for fmt in formats)
-        problems.append(f"mixes formats ({found} keys); {_ONE_OF}")
-    elif not obj:
-        problems.append(f"empty object; {_ONE_OF}")
-    return None, problems
-
-
-def _keys_phrase(keys: list[str]) -> str:
-    """Return "key 'a'" or "keys 'a', 'b'"."""
-    quoted = ", ".join(repr(key) for key in keys)
-    return f"key {quoted}" if len(keys) == 1 else f"keys {quoted}"
-
-
-def _key_hint(key: str, choices: Iterable[str], hints: dict[str, str] | None = None) -> str:
-    """Return a hint for an unknown key: how to convert it (from ``hints``), " (did you mean ...?)" or ""."""
-    if hints and key in hints:
-        return f" ({hints[key]})"
-    close = difflib.get_close_matches(key.lower(), list(choices), n=1, cutoff=0.6)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
-def _build_example(fmt: str, obj: dict, line: int) -> tuple[Example | None, list[str]]:
-    """Validate the fields of a line of format ``fmt``; return its Example (None if invalid) and the problems."""
-    if fmt == "messages":
-        messages, problems = _check_messages(obj["messages"])
-        return (Example(fmt, line, messages=messages) if not problems else None), problems
-    if fmt == "prompt_response":
-        problems = [
-            problem
-            for problem in (
-                _check_string(obj, "prompt", "a prompt/response line needs both 'prompt' and 'response'"),
-                _check_string(obj, "response", "a prompt/response line needs both 'prompt' and 'response'"),
-            )
-            if problem
-        ]
-        return (Example(fmt, line, prompt=obj["prompt"], response=obj["response"]) if not problems else None), problems
-    problem = _check_string(obj, "text", "")
-    return (Example(fmt, line, text=obj["text"]) if not problem else None), ([problem] if problem else [])
-
-
-def _check_messages(value: object) -> tuple[tuple[tuple[str, str], ...], list[str]]:
-    """Validate a 'messages' value; return its (role, content) pairs and the problems."""
-    if not isinstance(value, list):
-        return (), [f"""'messages' must be a list of {{"role": ..., "content": ...}} objects, got {_kind(value)}"""]
-    if not value:
-        return (), ["'messages' is an empty list; it needs at least one assistant message"]
-    pairs: list[tuple[str, str]] = []
-    problems: list[str] = []
-    for index, message in enumerate(value):
-        where = f"messages[{index}]"
-        if not isinstance(message, dict):
-            problems.append(
-                f"""{where} must be an object like {{"role": "user", "content": "..."}}, got {_kind(message)}"""
-            )
-            continue
-        unknown = [key for key in message if key not in _MESSAGE_KEYS]
-        if unknown:
-            problems.append(
-                f"{where} has unknown {_keys_phrase(unknown)}{_key_hint(unknown[0], _MESSAGE_KEYS)}; "
-                "a message holds exactly 'role' and 'content'"
-            )
-        role_problem = _check_role(message.get("role", _MISSING), where)
-        content_problem = _check_string(message, "content", "", where=where, allow_blank=True)
-        problems.extend(problem for problem in (role_problem, content_problem) if problem)
-        if not (unknown or role_problem or content_problem):
-            pairs.append((message["role"], message["content"]))
-    if problems:
-        return (), problems
-    assistant = [content for role, content in pairs if role == "assistant"]
-    if not assistant:
-        return (), ["no assistant message; each example needs at least one message with role 'assistant'"]
-    if not any(content.strip() for content in assistant):
-        return (), ["every assistant message is empty; at least one needs non-empty content"]
-    return tuple(pairs), []
-
-
-def _check_role(role: object, where: str) -> str | None:
-    """Return the problem with a message's role, or None."""
-    if role is _MISSING:
-        return f"{where} has no 'role'; use one of: {', '.join(ROLES)}"
-    if not isinstance(role, str):
-        return f"{where}.role must be a string, got {_kind(role)}"
-    if role in ROLES:
-        return None
-    if role.lower() in ROLES:
-        hint = f" (roles are lowercase: {role.lower()!r})"
-    elif role.lower() in _ROLE_HINTS:
-        hint = f" (did you mean {_ROLE_HINTS[role.lower()]!r}?)"
-    else:
-        hint = ""
-    return f"{where}.role is {role!r}{hint}; use one of: {', '.join(ROLES)}"
-
-
-def _check_string(obj: dict, key: str, missing_hint: str, where: str = "", allow_blank: bool = False) -> str | None:
-    """Return the problem with ``obj[key]``, which must be a (by default not blank) string, or None."""
-    name = f"{where}.{key}" if where else f"'{key}'"
-    value = obj.get(key, _MISSING)
-    if value is _MISSING:
-        return f"{name} is missing" + (f"; {missing_hint}" if missing_hint else "")
-    if not isinstance(value, str):
-        return f"{name} must be a string, got {_kind(value)}"
-    if not allow_blank and not value.strip():
-        return f"{name} is empty"
-    surrogate = _SURROGATE.search(value)
-    if surrogate:
-        return (
-            f"{name} holds an unpaired surrogate escape (\\u{ord(surrogate.group()):04x}); "
-            "encode the text as valid UTF-8 (e.g. json.dumps of a proper str)"
-        )
-    return None
-
-
-def _kind(value: object) -> str:
-    """Name a JSON value's type the way a user reads it."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, (int, float)):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list):
-        return "a list"
-    if isinstance(value, dict):
-        return "an object"
-    return type(value).__name__
 
 
 def _segments(example: Example) -> tuple[str, ...]:

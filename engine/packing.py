@@ -5,9 +5,10 @@ deterministic and leaves a few percent of padding on SFT-like length mixes.
 
 A packed row keeps its examples apart in two ways:
 
-* position ids restart at 0 for each example, and Hugging Face models (transformers >= 5, sdpa and eager
-  attention) build a block-diagonal causal mask from such position ids when no attention mask is passed
-  (``masking_utils.find_packed_sequence_indices``); the padding at the end of a row is one more block;
+* attention: each batch says where every example lies in its row (:attr:`Batch.documents`), and
+  :mod:`engine.attention` uses exactly that, so a token attends only to earlier tokens of its own example.
+  Nothing is inferred from position ids (they restart at 0 for each example, which is what rotary embeddings
+  need, and nothing more);
 * targets are shifted per example before packing (see :mod:`engine.tokenize`), so an example's last position has
   no target and no example's first token is predicted from the one before it.
 """
@@ -16,10 +17,11 @@ from __future__ import annotations
 
 from bisect import bisect_left, insort
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
+from engine.attention import DocumentLayout
 from engine.tokenize import IGNORE_INDEX, TokenizedExample
 
 
@@ -66,29 +68,31 @@ class Batch:
     """
 
     input_ids: torch.Tensor  # (rows, length) int64
-    position_ids: torch.Tensor  # (rows, length) int64, restarting at 0 for each example and for the padding
+    position_ids: torch.Tensor  # (rows, length) int64, restarting at 0 for each example; padding continues the last
     example_index: torch.Tensor  # (rows, length) int64, the example each token belongs to, -1 on padding
     loss_positions: torch.Tensor  # (n,) int64
     loss_targets: torch.Tensor  # (n,) int64
     loss_examples: torch.Tensor  # (n,) int64, the example of each loss position
     num_tokens: int  # non-padding tokens
     num_loss_tokens: int
+    documents: tuple[tuple[int, ...], ...] = ()  # per row: the length of each example, in row order
+    layout: DocumentLayout | None = None  # what the attention path needs (engine.attention.layout_for)
+
+    _TENSORS = ("input_ids", "position_ids", "example_index", "loss_positions", "loss_targets", "loss_examples")
 
     def to(self, device: torch.device) -> Batch:
+        """On ``device``; copies from pinned memory are asynchronous (the host does not wait for them)."""
         if device.type == "cpu":
             return self
-        moved = {
-            name: getattr(self, name).to(device, non_blocking=True)
-            for name in (
-                "input_ids",
-                "position_ids",
-                "example_index",
-                "loss_positions",
-                "loss_targets",
-                "loss_examples",
-            )
-        }
-        return Batch(**moved, num_tokens=self.num_tokens, num_loss_tokens=self.num_loss_tokens)
+        moved = {name: getattr(self, name).to(device, non_blocking=True) for name in self._TENSORS}
+        layout = self.layout.to(device, non_blocking=True) if self.layout is not None else None
+        return replace(self, **moved, layout=layout)
+
+    def pin_memory(self) -> Batch:
+        """In page-locked host memory, so that :meth:`to` can copy it while the GPU computes."""
+        pinned = {name: getattr(self, name).pin_memory() for name in self._TENSORS}
+        layout = self.layout.pin_memory() if self.layout is not None else None
+        return replace(self, **pinned, layout=layout)
 
 
 def collate(
@@ -132,9 +136,13 @@ def collate(
             offset += n
         pad = width - row_lengths[r]
         ids.extend([pad_id] * pad)
-        positions.extend(range(pad))
+        # Padding continues the last example's positions: a row of one example then reads as one sequence (a model
+        # with its own attention then needs no mask at all: causal, and no real token sees the padding after it).
+        last = len(examples[row[-1]]) if row else 0
+        positions.extend(range(last, last + pad))
         owners.extend([-1] * pad)
     shape = (len(rows), width)
+    documents = tuple(tuple(len(examples[i]) for i in row) for row in rows)
     return Batch(
         input_ids=torch.tensor(ids, dtype=torch.long).view(shape),
         position_ids=torch.tensor(positions, dtype=torch.long).view(shape),
@@ -144,4 +152,5 @@ def collate(
         loss_examples=torch.tensor(loss_examples, dtype=torch.long),
         num_tokens=sum(row_lengths),
         num_loss_tokens=len(loss_positions),
+        documents=documents,
     )

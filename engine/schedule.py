@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 
-from config.schema import Hyperparams
+from config.schema import DECAYING_SCHEDULERS, Hyperparams
 
 
 def lr_at(step: int, hp: Hyperparams) -> float:
@@ -39,3 +39,24 @@ def lr_at(step: int, hp: Hyperparams) -> float:
     if name == "cosine":
         return base * 0.5 * (1.0 + math.cos(math.pi * progress))
     raise ValueError(f"unknown lr_scheduler {name!r}")
+
+
+def schedule_warnings(hp: Hyperparams, first_step: int, end_step: int) -> list[str]:
+    """What the user should hear about this job's learning rates: steps at LR 0 train nothing."""
+    if end_step <= first_step:
+        return []
+    if hp.learning_rate == 0:
+        return ["hyperparams.learning_rate is 0: this job does not change the weights"]
+    if hp.lr_scheduler not in DECAYING_SCHEDULERS or hp.decay_steps <= 0 or end_step <= hp.decay_steps:
+        return []
+    if first_step >= hp.decay_steps:
+        return [
+            f"the campaign's LR reached 0 at step {hp.decay_steps} (hyperparams.decay_steps) and this job runs steps "
+            f"{first_step + 1}-{end_step}: it does not change the weights. Raise hyperparams.decay_steps for the "
+            "campaign, or start a new campaign"
+        ]
+    return [
+        f"the campaign's LR reaches 0 at step {hp.decay_steps} (hyperparams.decay_steps); this job's steps "
+        f"{hp.decay_steps + 1}-{end_step} do not change the weights. Raise hyperparams.decay_steps to train on all "
+        "of its data"
+    ]

@@ -23,10 +23,9 @@ def build_parser() -> argparse.ArgumentParser:
     watch = sub.add_parser("watch", help="a live progress bar until the job ends")
     watch.add_argument("id")
     watch.add_argument("--timeout", type=float, default=None, help="give up after this many seconds")
-    plan = sub.add_parser("plan", help="the queue in the order workers will take it, with ETAs")
+    plan = sub.add_parser("plan", help="the queue in the order workers will take it, with ETAs from the live workers, "
+                                       "running jobs, campaign order and measured speeds")
     plan.add_argument("--json", action="store_true")
-    plan.add_argument("--workers", type=int, default=1, help="how many workers share the queue (for the ETA)")
-    plan.add_argument("--gpu", action="store_true", help="use the heroes' GPU throughput for ETAs")
     cancel = sub.add_parser("cancel", help="cancel a queued or running job")
     cancel.add_argument("id")
     pause = sub.add_parser("pause", help="stop consuming; running jobs checkpoint and go back to their queue")
@@ -35,9 +34,10 @@ def build_parser() -> argparse.ArgumentParser:
     resume.add_argument("--worker", help="one worker; default: all")
     retry = sub.add_parser("retry", help="queue a failed or cancelled job again (resumes from its checkpoint)")
     retry.add_argument("id")
-    dead = sub.add_parser("dead-letters", help="queue messages no worker could run, kept aside (newest first)")
-    dead.add_argument("--limit", type=int, default=20)
+    dead = sub.add_parser("dead-letters", help="messages no worker could run, moved aside (newest first)")
     dead.add_argument("--json", action="store_true")
+    dead.add_argument("--limit", type=int, default=50, help="show at most this many (default 50)")
+    dead.add_argument("--clear", action="store_true", help="forget them all (after looking at them)")
     return p
 
 
@@ -64,17 +64,23 @@ def _run(args, store) -> int:
 
     if args.command == "list":
         jobs = store.list(status=args.status)
-        print(json.dumps([j.to_dict() for j in jobs], indent=2) if args.json else job_table(jobs))
+        waits = store.waits([j.id for j in jobs if j.status.value == "queued"])
+        if args.json:
+            print(json.dumps([{**j.to_dict(), "waiting": waits[j.id].to_dict() if j.id in waits else None}
+                              for j in jobs], indent=2))
+        else:
+            print(job_table(jobs, waits))
         return 0
     if args.command == "show":
         job = store.get(args.id)
+        wait = store.runtime(job.id).waiting
         if args.json:
-            data = job.to_dict()
+            data = {**job.to_dict(), "waiting": wait.to_dict() if wait else None}
             if args.history:
                 data["history"] = store.history(job.id)
             print(json.dumps(data, indent=2))
         else:
-            print(job_view(job, plan=True))
+            print(job_view(job, plan=True, wait=wait))
             if args.history:
                 for h in store.history(job.id):
                     print(f"  {h['at']}  {h.get('from') or '-'} → {h['to']}  {h.get('reason', '')}")
@@ -86,19 +92,11 @@ def _run(args, store) -> int:
         return watch_jobs(store, [args.id], timeout_s=args.timeout)
     if args.command == "plan":
         from config.settings import get_settings
-        from jobs.queue_plan import build_plan, hero_throughput
+        from jobs.cli_format import plan_text
+        from jobs.queue_plan import build_plan
 
-        plan = build_plan(store, hero_throughput(get_settings().guild_home, args.gpu), args.workers)
-        if args.json:
-            print(json.dumps(plan, indent=2))
-        else:
-            print(f"{'#':>4}  {'ID':48} {'PRIO':7} {'EXAMPLES':>8} {'TOKENS':>10} {'ETA':>10}")
-            for n, j in enumerate(plan["jobs"], 1):
-                print(f"{n:>4}  {j['id'][:48]:48} {j['priority']:7} {j['num_examples']:>8} "
-                      f"{j['estimated_tokens']:>10} {j['eta_s']:>9.0f}s")
-            t = plan["totals"]
-            print(f"total: {t['jobs']} jobs, {t['num_examples']} examples, {t['estimated_tokens']} tokens, "
-                  f"done in about {t['eta_s']:.0f} s")
+        plan = build_plan(store, get_settings())
+        print(json.dumps(plan, indent=2) if args.json else plan_text(plan))
         return 0
     if args.command in ("pause", "resume"):
         from jobs.control import pause_workers, resume_workers
@@ -124,17 +122,31 @@ def _run(args, store) -> int:
             print(retry_job(store, args.id, CeleryPublisher(app, store)))
         return 0
     if args.command == "dead-letters":
+        return _dead_letters(store, args)
+    raise AssertionError(args.command)  # pragma: no cover
+
+
+def _dead_letters(store, args) -> int:
+    if args.clear:
+        print(f"cleared {store.clear_dead_letters()} dead letter(s)")
+        return 0
+    letters = store.dead_letters(args.limit)
+    if args.json:
         import dataclasses
 
-        letters = store.dead_letters(args.limit)
-        if args.json:
-            print(json.dumps([dataclasses.asdict(d) for d in letters], indent=2))
-        else:
-            print(f"{store.dead_letter_count()} dead letter(s)")
-            for d in letters:
-                print(f"  {d.at}  queue {d.queue}  {d.body_bytes} bytes  {d.error.splitlines()[0] if d.error else ''}")
+        print(json.dumps([dataclasses.asdict(d) for d in letters], indent=2))
         return 0
-    raise AssertionError(args.command)  # pragma: no cover
+    from tasks.poison import describe_body
+
+    total = store.dead_letter_count()
+    print(f"{total} dead letter(s): messages no worker could run, kept with their raw body" + (
+        f" (newest {len(letters)} shown)" if total > len(letters) else ""))
+    for d in letters:
+        headers = d.headers or {}
+        who = ", ".join(f"{k}={headers[k]!r}" for k in ("task", "id") if k in headers) or "no task headers"
+        print(f"{d.at}  queue {d.queue or '?'}  {who}\n  error: {d.error}\n"
+              f"  body ({d.body_bytes} bytes): {describe_body(d.raw_body())}")
+    return 0
 
 
 if __name__ == "__main__":

@@ -7,9 +7,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from jobs.job import StopReason
+from jobs.waiting import Wait
 
 # The fields `jobs plan` needs of every queued job, kept in one hash so 10,000 jobs are read in one round trip.
-SUMMARY_FIELDS = ("priority", "num_examples", "estimated_tokens", "hero_id", "campaign_id", "created_at")
+SUMMARY_FIELDS = ("priority", "num_examples", "estimated_tokens", "hero_id", "campaign_id", "created_at", "workload")
 
 
 @dataclass(frozen=True)
@@ -22,6 +23,7 @@ class JobRuntime:
         retry_at: epoch seconds before which a requeued job must not start again (backoff).
         claim: the token of the run that owns the job now; every write of a run carries it (a fencing token).
         stop_request: what an operator (or the queue) asked the running job to do at its next step.
+        waiting: why a queued job is parked (campaign order, retry backoff); None when it is not.
         campaign_lock: the token of the campaign lock the run holds; a takeover releases that lock.
     """
 
@@ -30,6 +32,7 @@ class JobRuntime:
     retry_at: float | None = None
     claim: str | None = None
     stop_request: StopReason | None = None
+    waiting: Wait | None = None
     campaign_lock: str | None = None
 
 
@@ -51,6 +54,12 @@ class DeadLetter:
     headers: dict[str, Any] = field(default_factory=dict)
     body: str = ""  # the raw body: UTF-8 text, or "base64:" + base64 when it is not UTF-8
     body_bytes: int = 0  # its full length (the body kept is cut at MAX_DEAD_LETTER_BODY bytes)
+
+    def raw_body(self) -> bytes:
+        """The body as it was kept (cut at ``MAX_DEAD_LETTER_BODY`` bytes)."""
+        if self.body.startswith("base64:"):
+            return base64.b64decode(self.body[len("base64:"):])
+        return self.body.encode("utf-8")
 
     @staticmethod
     def encode_body(raw: bytes, limit: int) -> str:

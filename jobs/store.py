@@ -30,7 +30,7 @@ from jobs import redis_scripts as scripts
 from jobs.errors import DuplicateDataset, IllegalTransition, NotOwner, StoreLayoutError, UnknownJob
 from jobs.history import JobHistoryLog
 from jobs.job import ACTIVE, FIELDS, Job, JobStatus, StopReason, check_transition, id_variant
-from jobs.queues import DEFAULT_HEARTBEAT_STALE_S, PRIORITIES, PRIORITY_RANK
+from jobs.queues import DEFAULT_HEARTBEAT_STALE_S, PRIORITIES, PRIORITY_RANK, celery_key
 from jobs.records import (
     MAX_DEAD_LETTER_BODY,
     SUMMARY_FIELDS,
@@ -40,11 +40,13 @@ from jobs.records import (
     ServerHealth,
 )
 from jobs.retry import Action, RetryPolicy
+from jobs.speeds import SAMPLES_KEPT, SpeedSample, device_kind, sample_of
+from jobs.waiting import Wait, WaitKind
 
 logger = logging.getLogger(__name__)
 
 # kept in the job's hash beside the Job fields, not part of the record
-RUNTIME_FIELDS = ("worker", "heartbeat_at", "retry_at", "claim", "stop_request", "campaign_lock")
+RUNTIME_FIELDS = ("worker", "heartbeat_at", "retry_at", "claim", "stop_request", "waiting", "campaign_lock")
 RESUMING_BAND = 10 * keys.PRIORITY_SCORE_SCALE  # a resuming job sorts before every priority in its campaign
 CAMPAIGN_HEAD_CHUNK = 4  # pending entries read at a time when looking for a campaign's head
 LIVE_STATUSES = (JobStatus.QUEUED, JobStatus.PROCESSING, JobStatus.COMPLETED)  # hold their content (duplicates)
@@ -100,6 +102,8 @@ def expected_type(key: str) -> str | None:
         return "set"
     if key.startswith(keys.DATASET_OWNER.format(sha="")):
         return "set"
+    if key.startswith(keys.SPEEDS.format(hero="", kind="").rstrip(":")):
+        return "list"
     if key.startswith(keys.PREFIX + "campaign:"):
         return "string" if key.endswith(":lock") else "zset" if key.endswith(":pending") else None
     return keys.TYPES.get(key)
@@ -250,6 +254,7 @@ class JobStore:
                 {"zset": pipe.zrem, "set": pipe.srem, "hash": pipe.hdel}[kind](key, job.id)
             for status in JobStatus:
                 pipe.srem(keys.JOBS_BY_STATUS.format(status=status.value), job.id)
+            pipe.zrem(keys.JOBS_WAITING, job.id)
             pipe.execute(raise_on_error=False)
 
     def _live_owner(self, client, ids: Iterable[bytes]) -> str | None:
@@ -276,6 +281,14 @@ class JobStore:
         """The worker running the job, its last heartbeat (epoch seconds), its claim token and stop request."""
         values = self._redis.hmget(keys.JOB.format(id=job_id), *RUNTIME_FIELDS)
         return _runtime(dict(zip(RUNTIME_FIELDS, values)))
+
+    def runtimes(self, ids: list[str]) -> dict[str, JobRuntime]:
+        """The runtime fields of each of ``ids`` (one round trip)."""
+        with self._redis.pipeline(transaction=False) as pipe:
+            for job_id in ids:
+                pipe.hmget(keys.JOB.format(id=job_id), *RUNTIME_FIELDS)
+            rows = pipe.execute()
+        return {job_id: _runtime(dict(zip(RUNTIME_FIELDS, row))) for job_id, row in zip(ids, rows)}
 
     def exists(self, job_id: str) -> bool:
         return bool(self._redis.exists(keys.JOB.format(id=job_id)))
@@ -364,10 +377,14 @@ class JobStore:
                     if update is not None:
                         changes.update(update(job))
                     changes["status"] = target
+                    changes["waiting"] = None  # a status change ends any wait (a parked job is queued)
                     record = history_record(job_id, job.status, target, reason, changes)
                     ops = _Ops()
                     ops("hset", job_key, *_flat_mapping({k: _encode(v) for k, v in changes.items()}))
+                    ops("zrem", keys.JOBS_WAITING, job_id)
                     self._reindex(ops, job, target, resuming=changes.get("start_step", job.start_step) is not None)
+                    if target == JobStatus.COMPLETED:
+                        self._record_speed(ops, job, data.get("worker"), changes)
                     ops("rpush", keys.JOB_HISTORY.format(id=job_id), json.dumps(record, default=str))
                     pipe.multi()
                     self._checked(pipe, ops)
@@ -396,6 +413,20 @@ class JobStore:
                 job.id)
         else:
             ops("zrem", pending, job.id)
+
+    def _record_speed(self, ops: _Ops, job: Job, worker: str | None, changes: dict[str, Any]) -> None:
+        """A completed run's speed, kept with its completion (the newest SAMPLES_KEPT per hero and device)."""
+        sample = sample_of(job.id, job.started_at, changes.get("finished_at"), changes.get("trained_tokens"),
+                           changes.get("tokens_per_sec"))
+        if sample is not None:
+            key = keys.SPEEDS.format(hero=job.hero_id, kind=device_kind(worker))
+            ops("lpush", key, json.dumps(sample.to_dict()))
+            ops("ltrim", key, 0, SAMPLES_KEPT - 1)
+
+    def speed_samples(self, hero_id: str, kind: str) -> list[SpeedSample]:
+        """The newest speed samples of ``hero_id`` on workers of ``kind`` (``jobs.speeds.device_kind``)."""
+        raws = self._redis.lrange(keys.SPEEDS.format(hero=hero_id, kind=kind), 0, SAMPLES_KEPT - 1)
+        return [SpeedSample(**json.loads(r)) for r in raws]
 
     def claim(self, job_id: str, worker: str, *, token: str | None = None,
               stale_after_s: float = DEFAULT_HEARTBEAT_STALE_S,
@@ -551,25 +582,8 @@ class JobStore:
         return [_text(i) for i in self._redis.zrange(keys.CAMPAIGN_PENDING.format(id=campaign_id), 0, -1)]
 
     def campaign_head(self, campaign_id: str) -> str | None:
-        """The campaign's first queued job (the one that may start next), or None when none is queued.
-
-        Read a few entries at a time: the pending set holds at most one processing job before its head, so the
-        first read almost always finds it, however long the campaign's backlog (every delivery asks this).
-        """
-        key = keys.CAMPAIGN_PENDING.format(id=campaign_id)
-        start = 0
-        while True:
-            ids = [_text(i) for i in self._redis.zrange(key, start, start + CAMPAIGN_HEAD_CHUNK - 1)]
-            if not ids:
-                return None
-            with self._redis.pipeline(transaction=False) as pipe:
-                for job_id in ids:
-                    pipe.hget(keys.JOB.format(id=job_id), "status")
-                statuses = pipe.execute()
-            head = next((i for i, s in zip(ids, statuses) if s and json.loads(s) == JobStatus.QUEUED.value), None)
-            if head is not None:
-                return head
-            start += CAMPAIGN_HEAD_CHUNK
+        """The campaign's first queued job (the one that may start next), or None when none is queued."""
+        return _campaign_head(self._redis, campaign_id)
 
     def acquire_campaign_lock(self, campaign_id: str, token: str, lease_s: float) -> bool:
         """Take the campaign's lease lock for ``token`` (False when someone else holds it)."""
@@ -598,6 +612,96 @@ class JobStore:
             if value is not None:
                 found[_text(key)[len(prefix):-len(suffix)]] = _text(value)
         return found
+
+    # ------------------------------------------------------------------------------------ waiting (parked) jobs
+
+    def park(self, job_id: str, wait: Wait) -> bool:
+        """Record that the queued ``job_id`` waits (its message is then dropped, not sent again).
+
+        Atomic with the campaign's state: a campaign wait is refused (False) when the job is, by now, the first
+        queued job of its campaign and nobody holds the campaign, so a job can never park just after the wake-up
+        meant for it; the caller then tries to start it at once. Also False when the job is no longer queued.
+        Parking clears the job's unpublished mark (set by the delivery that parks it): the wake-up sends its message.
+        """
+        job_key = keys.JOB.format(id=job_id)
+        pending = keys.CAMPAIGN_PENDING.format(id=wait.campaign)
+        lock = keys.CAMPAIGN_LOCK.format(id=wait.campaign)
+        while True:
+            with self._redis.pipeline() as pipe:
+                try:
+                    pipe.watch(job_key, pending, lock)
+                    status = pipe.hget(job_key, "status")
+                    if status is None or json.loads(status) != JobStatus.QUEUED.value:
+                        pipe.unwatch()
+                        return False
+                    if wait.kind is WaitKind.CAMPAIGN and not pipe.exists(lock) and \
+                            _campaign_head(pipe, wait.campaign) == job_id:
+                        pipe.unwatch()
+                        return False
+                    ops = _Ops()
+                    ops("hset", job_key, "waiting", _encode(wait))
+                    ops("zadd", keys.JOBS_WAITING, _wake_score(wait), job_id)
+                    ops("zrem", keys.JOBS_UNPUBLISHED, job_id)  # parked: its next message comes with its wake-up
+                    pipe.multi()
+                    self._checked(pipe, ops)
+                    self._run_checked(pipe)
+                    return True
+                except redis.WatchError:
+                    continue
+
+    def wake_head(self, campaign_id: str) -> str | None:
+        """When nobody holds ``campaign_id`` and its first queued job is parked (and not in a backoff), take it out
+        of the waiting set, marked unpublished, and return its id: the caller sends its message (then
+        ``mark_published``). None when there is nothing to wake."""
+        pending = keys.CAMPAIGN_PENDING.format(id=campaign_id)
+        lock = keys.CAMPAIGN_LOCK.format(id=campaign_id)
+        while True:
+            self._script("unpark", scripts.UNPARK)  # loaded before the MULTI that runs it
+            with self._redis.pipeline() as pipe:
+                try:
+                    pipe.watch(pending, lock)
+                    head = None if pipe.exists(lock) else _campaign_head(pipe, campaign_id)
+                    score = pipe.zscore(keys.JOBS_WAITING, head) if head else None
+                    if score is None or (score != float("inf") and score > self._clock()):
+                        pipe.unwatch()
+                        return None
+                    pipe.watch(keys.JOB.format(id=head))
+                    pipe.multi()
+                    self._unpark(pipe, head)
+                    woken = pipe.execute()[0]
+                    return head if woken else None
+                except redis.WatchError:
+                    continue
+                except redis.exceptions.NoScriptError:
+                    self._shas.pop("unpark", None)
+
+    def release_due(self) -> list[str]:
+        """Take every parked job whose backoff is over out of the waiting set, marked unpublished; returns their ids
+        (the caller sends their messages, then ``mark_published``)."""
+        ids = [_text(i) for i in self._redis.zrangebyscore(keys.JOBS_WAITING, "-inf", self._clock())]
+        released = []
+        for job_id in ids:
+            if self._eval("unpark", scripts.UNPARK, 3, keys.JOBS_WAITING, keys.JOB.format(id=job_id),
+                          keys.JOBS_UNPUBLISHED, job_id, self._clock()):
+                released.append(job_id)
+        return released
+
+    def _unpark(self, pipe, job_id: str) -> None:
+        pipe.evalsha(self._script("unpark", scripts.UNPARK), 3, keys.JOBS_WAITING, keys.JOB.format(id=job_id),
+                     keys.JOBS_UNPUBLISHED, job_id, self._clock())
+
+    def waiting(self) -> dict[str, Wait]:
+        """Every parked job and what it waits for."""
+        return self.waits([_text(i) for i in self._redis.zrange(keys.JOBS_WAITING, 0, -1)])
+
+    def waits(self, ids: list[str]) -> dict[str, Wait]:
+        """What each of ``ids`` waits for, for those that are parked (one round trip)."""
+        with self._redis.pipeline(transaction=False) as pipe:
+            for job_id in ids:
+                pipe.hget(keys.JOB.format(id=job_id), "waiting")
+            raws = pipe.execute()
+        found = {job_id: Wait.from_dict(json.loads(raw)) for job_id, raw in zip(ids, raws) if raw}
+        return {job_id: wait for job_id, wait in found.items() if wait is not None}
 
     # ------------------------------------------------------------------------------------ workers and pausing
 
@@ -653,13 +757,21 @@ class JobStore:
     def dead_letter_count(self) -> int:
         return int(self._redis.llen(keys.DEAD_LETTERS))
 
+    def clear_dead_letters(self) -> int:
+        """Forget every dead letter; returns how many there were."""
+        with self._redis.pipeline() as pipe:
+            pipe.llen(keys.DEAD_LETTERS)
+            pipe.delete(keys.DEAD_LETTERS)
+            count, _ = pipe.execute()
+        return int(count)
+
     # ------------------------------------------------------------------------- the queue messages (kombu lists)
 
     def message_counts(self) -> dict[str, int]:
         """Messages waiting in each priority queue (kombu's lists live in this Redis too)."""
         with self._redis.pipeline(transaction=False) as pipe:
             for queue in PRIORITIES:
-                pipe.llen(queue)
+                pipe.llen(celery_key(queue))
             counts = pipe.execute()
         return dict(zip(PRIORITIES, (int(c) for c in counts)))
 
@@ -671,10 +783,11 @@ class JobStore:
         the task starting (a Redis restart), or the worker died. Messages of processing jobs (their running
         delivery) are left alone. Returns the ids of the jobs whose message went back, at the head of its queue, as
         kombu's own restore does."""
-        tags = self._redis.zrangebyscore(keys.KOMBU_UNACKED_INDEX, "-inf", self._clock() - older_than_s)
+        unacked, unacked_index = celery_key(keys.KOMBU_UNACKED), celery_key(keys.KOMBU_UNACKED_INDEX)
+        tags = self._redis.zrangebyscore(unacked_index, "-inf", self._clock() - older_than_s)
         if not tags:
             return []
-        entries = [json.loads(raw) if raw else None for raw in self._redis.hmget(keys.KOMBU_UNACKED, tags)]
+        entries = [json.loads(raw) if raw else None for raw in self._redis.hmget(unacked, tags)]
         candidates = [(tag, entry) for tag, entry in zip(tags, entries) if entry and _message_job(entry[0])]
         with self._redis.pipeline(transaction=False) as pipe:
             for _tag, entry in candidates:
@@ -686,13 +799,13 @@ class JobStore:
                 continue
             with self._redis.pipeline() as pipe:
                 try:
-                    pipe.watch(keys.KOMBU_UNACKED)  # a late ack or kombu's own restore wins
-                    if pipe.hget(keys.KOMBU_UNACKED, tag) is None:
+                    pipe.watch(unacked)  # a late ack or kombu's own restore wins
+                    if pipe.hget(unacked, tag) is None:
                         continue
                     pipe.multi()
-                    pipe.rpush(_kombu_queue(entry[2]), json.dumps(entry[0]))
-                    pipe.hdel(keys.KOMBU_UNACKED, tag)
-                    pipe.zrem(keys.KOMBU_UNACKED_INDEX, tag)
+                    pipe.rpush(celery_key(entry[2]), json.dumps(entry[0]))
+                    pipe.hdel(unacked, tag)
+                    pipe.zrem(unacked_index, tag)
                     pipe.execute()
                     restored.append(_message_job(entry[0]))
                 except redis.WatchError:
@@ -703,7 +816,8 @@ class JobStore:
         """Put the waiting message of ``job_id`` before every other of ``queue``; False when it is not there."""
         raw = f'"id": "{job_id}"'
         escaped = '"id": ' + json.dumps(job_id)
-        return bool(self._eval("to-head", scripts.MOVE_TO_HEAD, 1, queue, raw, escaped))
+        # kombu prefixes the keys of its own commands (global_keyprefix), not those of a script: name it in full.
+        return bool(self._eval("to-head", scripts.MOVE_TO_HEAD, 1, celery_key(queue), raw, escaped))
 
     # ---------------------------------------------------------------------------------------------- server
 
@@ -738,7 +852,7 @@ class JobStore:
         """One line per Guild key (or priority queue) whose Redis type is wrong, saying what to do."""
         found: list[str] = []
         names = [_text(k) for k in self._redis.scan_iter(match=keys.PREFIX + "*", count=1000)]
-        checks = [(k, expected_type(k)) for k in names] + [(q, "list") for q in PRIORITIES]
+        checks = [(k, expected_type(k)) for k in names] + [(celery_key(q), "list") for q in PRIORITIES]
         checks = [(k, t) for k, t in checks if t is not None]
         for start in range(0, len(checks), 1000):
             batch = checks[start:start + 1000]
@@ -753,11 +867,6 @@ class JobStore:
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-
-
-def _kombu_queue(name: str) -> str:
-    """The Redis list of kombu's queue ``name`` (a Celery ``global_keyprefix`` would go here)."""
-    return name
 
 
 def _message_job(message: dict) -> str | None:
@@ -781,7 +890,32 @@ def _runtime_of(decoded: dict[str, Any]) -> JobRuntime:
     stop = decoded.get("stop_request")
     return JobRuntime(worker=decoded.get("worker"), heartbeat_at=decoded.get("heartbeat_at"),
                       retry_at=decoded.get("retry_at"), claim=decoded.get("claim"),
-                      stop_request=StopReason(stop) if stop else None, campaign_lock=decoded.get("campaign_lock"))
+                      stop_request=StopReason(stop) if stop else None,
+                      waiting=Wait.from_dict(decoded.get("waiting")), campaign_lock=decoded.get("campaign_lock"))
+
+
+def _campaign_head(client, campaign_id: str) -> str | None:
+    """The first queued job of a campaign, read with ``client`` (the store's, or a pipeline in WATCH mode).
+
+    The pending set is read a few entries at a time and the statuses one by one up to the first queued job: it holds
+    at most one processing job before its head, so this costs about three commands however long the campaign's
+    backlog (every delivery asks it; reading the whole set cost one command and the backlog's ids in bytes)."""
+    key = keys.CAMPAIGN_PENDING.format(id=campaign_id)
+    start = 0
+    while True:
+        ids = [_text(i) for i in client.zrange(key, start, start + CAMPAIGN_HEAD_CHUNK - 1)]
+        for job_id in ids:
+            status = client.hget(keys.JOB.format(id=job_id), "status")
+            if status and json.loads(status) == JobStatus.QUEUED.value:
+                return job_id
+        if len(ids) < CAMPAIGN_HEAD_CHUNK:
+            return None
+        start += CAMPAIGN_HEAD_CHUNK
+
+
+def _wake_score(wait: Wait) -> str:
+    """A parked job's score in the waiting set: when its backoff ends, or never by time alone (campaign waits)."""
+    return repr(float(wait.until)) if wait.kind is WaitKind.BACKOFF and wait.until is not None else "+inf"
 
 
 def _stop_reason(raw) -> StopReason | None:

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from campaigns.campaign import Campaign, CampaignStore
+from campaigns.disk import ensure_checkpoint_space
 from campaigns.lock import CampaignLock
 from config.code_version import git_commit
 from config.errors import GuildError
@@ -34,10 +35,20 @@ from jobs.errors import NotOwner
 from jobs.job import Job, JobStatus, StopReason, utc_now
 from jobs.publisher import Publisher
 from jobs.queues import DEFAULT_DEFER_DELAY_S, DEFAULT_HEARTBEAT_S, PROGRESS_WRITE_INTERVAL_S
+from jobs.retention import apply_retention
 from jobs.retry import Action, RetryPolicy
+from jobs.waiting import Wait
 from tasks.engines import Engine, ResumePoint, load_engine
+from tasks.evaluation import METADATA_KEY as EVAL_SET_KEY
+from tasks.evaluation import EvalReporter, job_evaluation
 
 logger = logging.getLogger(__name__)
+PARK_TRIES = 3  # a job whose turn comes while it is being parked looks again, this many times
+
+
+def _job_of_holder(holder: str | None) -> str | None:
+    """The job in a campaign lock's holder (``worker:job``)."""
+    return holder.split(":", 1)[1] if holder and ":" in holder else None
 
 
 class OutcomeKind(str, Enum):
@@ -46,7 +57,8 @@ class OutcomeKind(str, Enum):
     SKIPPED = "skipped"
     CANCELLED = "cancelled"
     REQUEUED = "requeued"  # back to its queue (transient failure, pause, preemption, lost campaign lock)
-    DEFERRED = "deferred"  # not its turn (campaign busy, backoff): its message went back to the queue
+    WAITING = "waiting"  # not its turn (campaign order, busy campaign, backoff): parked, its message dropped
+    DEFERRED = "deferred"  # last resort when it could not be parked: its message went back to the queue
     DROPPED = "dropped"  # nothing to do (unknown, finished, running elsewhere, taken over)
 
     def __str__(self) -> str:
@@ -60,6 +72,7 @@ class Outcome:
     action: OutcomeKind
     detail: str = ""
     replace_worker: bool = False  # this worker process must exit (its CUDA context is unusable)
+    wait: Wait | None = None  # what a WAITING job waits for
 
 
 @dataclass(frozen=True)
@@ -159,7 +172,7 @@ class JobRunner:
         """Run one delivery of ``job_id``'s message.
 
         Args:
-            republish: sends the job's message again (when its campaign is busy, or it goes back to its queue).
+            republish: sends the job's message again (it goes back to its queue, or a parked job's turn came).
             emit: ``emit(progress_dict)`` publishes progress to monitoring (Flower task events); optional; must not
                 block (:class:`tasks.train._ProgressEvents` hands it to a thread).
         """
@@ -170,30 +183,42 @@ class JobRunner:
             logger.error("dropping message for %s: %s", job_id, exc)
             return Outcome(OutcomeKind.DROPPED, str(exc))
         if job.status not in (JobStatus.QUEUED, JobStatus.PROCESSING):
+            # A cancelled first job of a campaign may be what its parked jobs wait for.
+            self._wake_campaign(job.campaign_id, republish)
             return Outcome(OutcomeKind.DROPPED, f"job is {job.status.value}")
 
         # ---- one campaign, one worker, in queue order -----------------------------------------------------
         # A job may start only when it is the first queued job of its campaign and it holds the campaign lock;
-        # otherwise it goes back to its queue after a short pause, so this worker can take other campaigns' jobs.
+        # otherwise it is parked in the store (jobs/waiting.py) and its message is dropped: the run that frees the
+        # campaign (or the sweep) sends it again, so the worker takes other jobs meanwhile and nothing spins.
         if job.status == JobStatus.QUEUED:
             # This delivery holds the job's only message, and it is acked when the task ends, even when it fails
-            # (Redis killed mid-way): until the job is claimed or its message sent again, it is marked unpublished,
-            # so the sweep sends it again if neither happens (this worker killed, Redis killed).
+            # (Redis killed mid-way): until the job is claimed or parked, it is marked unpublished, so the sweep
+            # sends it again if neither happens (this worker killed, Redis killed).
             self.store.mark_unpublished(job_id)
-            retry_at = self.store.runtime(job_id).retry_at
-            if retry_at and retry_at > time.time():
-                return self._defer(job, republish, "waiting for its retry backoff",
-                                   min(DEFAULT_DEFER_DELAY_S, retry_at - time.time()))
-            if self.store.campaign_head(job.campaign_id) not in (None, job_id):
-                return self._defer(job, republish, "an earlier job of its campaign goes first")
         # The lease outlives the heartbeat window by a sweep round: a worker silent for the window loses its job to
         # the sweep, which releases the lock with it; had the lease lapsed first, the campaign's next job could
         # start while the lost one is still processing, and both would train from the same campaign step.
         lock = CampaignLock(self.store, job.campaign_id, holder=f"{self.worker_name}:{job_id}",
                             lease_s=self.settings.heartbeat_stale_s
                             + max(self.settings.heartbeat_stale_s, self.settings.sweep_interval_s))
-        if not lock.acquire():
-            return self._defer(job, republish, f"campaign {job.campaign_id} is busy ({lock.holder()})")
+        for _ in range(PARK_TRIES):
+            wait = self._wait_of(job)
+            if wait is None:
+                if lock.acquire():
+                    break
+                if job.status == JobStatus.PROCESSING:  # a second copy of a running job's message
+                    return Outcome(OutcomeKind.DROPPED, f"running under {lock.holder()}")
+                wait = Wait.for_campaign(job.campaign_id, _job_of_holder(lock.holder()), now=time.time())
+            if self.store.park(job.id, wait):  # clears the unpublished mark with the wait
+                logger.info("job %s: waiting, %s", job.id, wait.describe())
+                return Outcome(OutcomeKind.WAITING, wait.describe(), wait=wait)
+            job = self.store.get(job_id)  # its turn came while it was being parked: look again
+            if job.status not in (JobStatus.QUEUED, JobStatus.PROCESSING):
+                self.store.mark_published([job_id])
+                return Outcome(OutcomeKind.DROPPED, f"job is {job.status.value}")
+        else:
+            return self._defer(job, republish, "its campaign changed hands while it was being parked")
         try:
             token = uuid.uuid4().hex
             claimed = self.store.claim(job_id, self.worker_name, token=token,
@@ -208,8 +233,38 @@ class JobRunner:
                 lock.release()
             except Exception as exc:  # noqa: BLE001 - the lease expires by itself
                 logger.warning("job %s: could not release the campaign lock: %s", job_id, exc)
+            self._wake_campaign(job.campaign_id, republish)
+
+    def _wait_of(self, job: Job) -> Wait | None:
+        """What a queued job must wait for before it may take its campaign's lock: its retry backoff, or the job
+        ahead of it in its campaign. None when it may try now (also for a processing job: a redelivery)."""
+        if job.status != JobStatus.QUEUED:
+            return None
+        now = time.time()
+        retry_at = self.store.runtime(job.id).retry_at
+        if retry_at and retry_at > now:
+            return Wait.for_backoff(job.campaign_id, retry_at, now=now)
+        head = self.store.campaign_head(job.campaign_id)
+        if head in (None, job.id):
+            return None
+        pending = self.store.campaign_pending(job.campaign_id)  # only a job that waits reads its campaign's backlog
+        ahead = pending[:pending.index(job.id)] if job.id in pending else [head]
+        return Wait.for_campaign(job.campaign_id, ahead[-1] if ahead else head, now=now)
+
+    def _wake_campaign(self, campaign_id: str, republish: Publisher) -> None:
+        """Send the message of the campaign's first queued job if it is parked and the campaign is free (the end of
+        a run, a dropped message of a cancelled job). Never raises: the sweep wakes it otherwise."""
+        try:
+            woken = self.store.wake_head(campaign_id)
+            if woken is not None:
+                republish(woken, self.store.get(woken).priority, at_head=True)
+                self.store.mark_published([woken])
+                logger.info("campaign %s is free: woke its next job %s", campaign_id, woken)
+        except Exception as exc:  # noqa: BLE001 - the sweep wakes parked jobs too
+            logger.warning("campaign %s: could not wake its next job (the sweep will): %s", campaign_id, exc)
 
     def _defer(self, job: Job, republish: Publisher, why: str, delay_s: float = DEFAULT_DEFER_DELAY_S) -> Outcome:
+        """The last resort when parking keeps failing: back to its queue after a short pause."""
         self._resend(job, republish, before=lambda: time.sleep(max(delay_s, 0.0)))
         return Outcome(OutcomeKind.DEFERRED, why)
 
@@ -240,17 +295,25 @@ class JobRunner:
         beat.start()
         try:
             prep = self._prepare(job)
+            # Bounded disk: a job that could not write its checkpoints fails now, with what it needs and the fix.
+            ensure_checkpoint_space(prep.checkpoint_dir, prep.campaign, prep.model_path,
+                                    job.plan.config.hyperparams.save_total_limit)
+            # The campaign's eval set: the current one at the job's first start, then always that one.
+            evaluation = job_evaluation(job, prep.campaign, prep.resume.path, prep.resume.step, prep.checkpoint_dir)
             self.store.update(job.id, owner=token, start_step=prep.resume.step,
                               metadata={**job.metadata,
-                                        "resume_from": str(prep.resume.path) if prep.resume.path else None})
+                                        "resume_from": str(prep.resume.path) if prep.resume.path else None,
+                                        EVAL_SET_KEY: evaluation.record})
             from tasks.tracking import CampaignTracker
 
             tracker = CampaignTracker(prep.checkpoint_dir.parent.parent, job.id)
+            evals = EvalReporter(prep.checkpoint_dir.parent.parent, job.id, evaluation.spec, tracker)
             started = time.time()
             result = self.engine.run_job(
-                job.dataset_path, job.plan.config, self._progress_callback(job, beat, tracker), beat.should_stop,
-                model_path=prep.model_path, checkpoint_dir=prep.checkpoint_dir, resume_from=prep.resume.path,
-                run_id=job.id, enable_packing=self.settings.enable_packing, chat=job.plan.hero.chat_options)
+                job.dataset_path, job.plan.config, self._progress_callback(job, beat, tracker, evals),
+                beat.should_stop, model_path=prep.model_path, checkpoint_dir=prep.checkpoint_dir,
+                resume_from=prep.resume.path, run_id=job.id, enable_packing=self.settings.enable_packing,
+                chat=job.plan.hero.chat_options, evaluation=evaluation.spec, on_eval=evals.on_eval)
             logger.info("job %s: engine returned %s after %.1f s", job.id, result.status, time.time() - started)
             return self._finish(job, token, prep, tracker, result, beat, lock, republish)
         except NotOwner as exc:
@@ -275,8 +338,9 @@ class JobRunner:
         finally:
             beat.stop()
 
-    def _progress_callback(self, job: Job, beat: _Beat, tracker):
-        """``on_progress`` for the engine: memory only, never raises into training."""
+    def _progress_callback(self, job: Job, beat: _Beat, tracker, evals: EvalReporter | None = None):
+        """``on_progress`` for the engine: memory only, never raises into training. The latest evaluation
+        (``evals.latest``: eval_step, eval_loss, sample) rides along with every progress report."""
         state = {"started": False, "warned": False}
 
         def on_progress(step, total_steps, loss, lr, tokens_per_sec, eta_s):
@@ -287,7 +351,8 @@ class JobRunner:
                     state["started"] = True
                     self._prepare_next_in_background(job)
                 beat.progress = {"step": step, "total_steps": total_steps, "loss": loss, "lr": lr,
-                                 "tokens_per_sec": tokens_per_sec, "eta_s": eta_s, "updated_at": time.time()}
+                                 "tokens_per_sec": tokens_per_sec, "eta_s": eta_s, "updated_at": time.time(),
+                                 **(evals.latest if evals is not None else {})}
                 tracker.log({"train/loss": loss, "train/lr": lr, "train/tokens_per_sec": tokens_per_sec}, step)
                 if self._emit is not None:
                     self._emit(beat.progress)
@@ -347,12 +412,14 @@ class JobRunner:
         fields = {"final_step": result.final_step, "final_loss": result.final_loss,
                   "final_val_loss": result.final_val_loss, "trained_tokens": result.trained_tokens,
                   "tokens_per_sec": result.tokens_per_sec, "start_step": result.start_step,
+                  "final_eval_loss": result.final_eval_loss, "train_s": result.train_s, "eval_s": result.eval_s,
                   "finished_at": utc_now(), "progress": None, "artifacts": artifacts,
                   "metadata": {**self.store.get(job.id).metadata, "checkpoint": result.checkpoint_path,
                                "num_truncated": result.num_truncated, "num_dropped": result.num_dropped,
                                "num_train_examples": result.num_train_examples,
                                "num_val_examples": result.num_val_examples,
-                               "loss_history": result.loss_history[-2000:], "val_history": result.val_history}}
+                               "loss_history": result.loss_history[-2000:], "val_history": result.val_history,
+                               "eval_history": [p.to_dict(answers=False) for p in result.eval_history]}}
         if status is TrainingStatus.COMPLETED:
             return self._complete(job, token, result, fields, lock, republish)
         if status is TrainingStatus.STOPPED:
@@ -391,9 +458,22 @@ class JobRunner:
             campaign.code_version = git_commit()
             if job.id not in campaign.job_ids:
                 campaign.job_ids.append(job.id)
-        return self._end(job, lambda: self.store.transition(job.id, JobStatus.COMPLETED, owner=token,
-                                                            reason="trained", fields=fields),
-                         Outcome(OutcomeKind.COMPLETED))
+        outcome = self._end(job, lambda: self.store.transition(job.id, JobStatus.COMPLETED, owner=token,
+                                                               reason="trained", fields=fields),
+                            Outcome(OutcomeKind.COMPLETED))
+        if outcome.action is OutcomeKind.COMPLETED:
+            self._apply_retention(job)
+        return outcome
+
+    def _apply_retention(self, job: Job) -> None:
+        """Bounded disk: the campaign's checkpoint policy, now that this job's final checkpoint is the latest.
+        Runs while the job still holds its campaign lock; pruning never fails a trained job."""
+        try:
+            report = apply_retention(self.campaigns, job.campaign_id, self.store)
+            for error in report.errors:
+                logger.warning("job %s: checkpoint retention: %s", job.id, error)
+        except Exception as exc:  # noqa: BLE001
+            logger.warning("job %s: checkpoint retention failed: %s", job.id, exc)
 
     def _step_aside(self, job: Job, token: str, fields: dict, reason: str, republish: Publisher) -> Outcome:
         fields = {**fields, "finished_at": None}

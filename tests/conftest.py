@@ -42,7 +42,7 @@ def guild_home(tmp_path, tiny_hero_dir) -> Path:
 
 @pytest.fixture
 def redis_client(redis_server):
-    client = redis.Redis.from_url(redis_server.url)
+    client = redis.Redis.from_url(redis_server.admin_url)  # Guild itself connects as the ACL user (redis_server.url)
     client.flushall()
     yield client
     client.flushall()

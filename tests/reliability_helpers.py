@@ -18,6 +18,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from jobs.queues import celery_key
 from tests.services import REPO, RedisServer, free_port, stop_pid, wait_until
 
 FIGURES = REPO / "test-artifacts" / "reliability" / "figures.jsonl"
@@ -117,7 +118,11 @@ class Submitter:
     def __init__(self, broker_url: str):
         from celery import Celery
 
+        from celeryconfig import broker_transport_options
+
         self.app = Celery("guild-reliability-tests", broker=broker_url, set_as_current=False)
+        # The same key prefix as the project's app (guild-celery:), or the messages land where no worker looks.
+        self.app.conf.broker_transport_options = broker_transport_options
 
     def __call__(self, *paths, campaign: str | None = None, sets: list[str] = (), force: bool = False,
                  priority: str = "normal") -> list[str]:
@@ -140,7 +145,7 @@ class Submitter:
 
 def queue_messages(client, queue: str) -> list[dict]:
     """The Celery messages waiting in one kombu queue list, decoded (headers hold the task id)."""
-    return [json.loads(raw) for raw in client.lrange(queue, 0, -1)]
+    return [json.loads(raw) for raw in client.lrange(celery_key(queue), 0, -1)]
 
 
 def queued_task_ids(client, queues=("high", "normal", "low")) -> list[str]:
@@ -150,7 +155,7 @@ def queued_task_ids(client, queues=("high", "normal", "low")) -> list[str]:
 
 def unacked_task_ids(client) -> list[str]:
     """Task ids of the messages workers hold (delivered, not acked yet): kombu's ``unacked`` hash."""
-    return [json.loads(raw)[0]["headers"]["id"] for raw in client.hvals("unacked")]
+    return [json.loads(raw)[0]["headers"]["id"] for raw in client.hvals(celery_key("unacked"))]
 
 
 def no_traceback(text: str) -> bool:

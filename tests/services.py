@@ -60,29 +60,60 @@ def stop_pid(proc: subprocess.Popen, timeout_s: float = 10.0, sig=signal.SIGTERM
 
 
 class RedisServer:
-    """A redis-server child on 127.0.0.1 with AOF (fsync always) in ``data_dir``."""
+    """A redis-server child on 127.0.0.1 with AOF (fsync always) in ``data_dir``, configured as ``make up``'s.
+
+    By default it is secured like the embedded Redis: Guild connects as the ACL user ``guild`` (:attr:`url`: only
+    the commands and keys Guild needs, see config/redis_acl.py) and the default user needs the administrator
+    password (:attr:`admin_url`, for what tests do beyond Guild: FLUSHALL, DBSIZE...). The passwords live in
+    ``data_dir``, so a restart on the same directory keeps them. With ``password``, the server is instead the plain
+    ``requirepass`` kind (the default user with that password, no ACL user), as a shared Redis may be.
+    """
 
     def __init__(self, data_dir: Path, port: int | None = None, password: str | None = None):
+        from config.redis_acl import ensure_passwords
+
         self.data_dir = Path(data_dir)
         self.port = port or free_port()
         self.password = password
+        self.guild_password, self.admin_password = (None, password) if password else ensure_passwords(self.data_dir)
         self.proc: subprocess.Popen | None = None
 
     @property
     def url(self) -> str:
+        """What Guild connects with: the ``guild`` ACL user (or the ``requirepass`` password)."""
+        if self.guild_password:
+            from config.redis_acl import guild_url
+
+            return guild_url(self.guild_password, self.port)
         auth = f":{self.password}@" if self.password else ""
         return f"redis://{auth}127.0.0.1:{self.port}/0"
 
+    @property
+    def admin_url(self) -> str:
+        """The default (administrator) user: every command."""
+        return f"redis://:{self.admin_password}@127.0.0.1:{self.port}/0"
+
     def start(self) -> RedisServer:
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        args = [redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.data_dir),
-                "--appendonly", "yes", "--appendfsync", "always", "--maxmemory-policy", "noeviction", "--save", "",
-                "--logfile", str(self.data_dir / "redis.log")]
-        if self.password:
-            args += ["--requirepass", self.password]
+        if self.guild_password:
+            from config.redis_acl import embedded_config, write_private
+
+            conf = self.data_dir / "redis.conf"
+            write_private(conf, embedded_config(self.port, self.data_dir, self.guild_password, self.admin_password,
+                                                daemonize=False))
+            args = [redis_server_binary(), str(conf)]
+        else:
+            args = [redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--dir",
+                    str(self.data_dir), "--appendonly", "yes", "--appendfsync", "always", "--maxmemory-policy",
+                    "noeviction", "--save", "", "--logfile", str(self.data_dir / "redis.log"), "--requirepass",
+                    self.password]
         self.proc = subprocess.Popen(args, start_new_session=True)
         client = redis.Redis.from_url(self.url)
-        wait_until(lambda: _pings(client), 15, what=f"redis-server on port {self.port}")
+        wait_until(lambda: _pings(client) or self.proc.poll() is not None, 15,
+                   what=f"redis-server on port {self.port}")
+        if self.proc.poll() is not None:
+            log = self.data_dir / "redis.log"
+            raise RuntimeError(f"redis-server exited: {log.read_text()[-2000:] if log.exists() else ''}")
         return self
 
     def kill(self) -> None:
@@ -91,7 +122,21 @@ class RedisServer:
 
     def stop(self) -> None:
         if self.proc is not None:
+            _dump_commandstats(self)
             stop_pid(self.proc)
+
+
+def _dump_commandstats(server: RedisServer) -> None:
+    """With GUILD_REDIS_COMMANDSTATS=FILE, append the commands this server ran (how DEPLOY.md's ACL was measured)."""
+    target = os.environ.get("GUILD_REDIS_COMMANDSTATS")
+    if not target or server.proc is None or server.proc.poll() is not None:
+        return
+    try:
+        stats = redis.Redis.from_url(server.url).info("commandstats")
+    except redis.RedisError:
+        return
+    with open(target, "a") as f:
+        f.write(" ".join(sorted(k.removeprefix("cmdstat_") for k in stats)) + "\n")
 
 
 def _pings(client) -> bool:
@@ -118,10 +163,16 @@ class Worker:
             cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         log.close()
         if wait_ready:
-            wait_until(lambda: b"ready." in self.log_path.read_bytes() or self.proc.poll() is not None, 60,
-                       what=f"worker {self.name} ready")
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"worker {self.name} exited:\n{self.log_path.read_text()[-3000:]}")
+            self.wait_ready()
+        return self
+
+    def wait_ready(self) -> Worker:
+        """Wait (60 s at most) until the worker says it is ready; raises when it exited instead. Start several
+        workers with ``wait_ready=False``, then wait for each: they start side by side."""
+        wait_until(lambda: b"ready." in self.log_path.read_bytes() or self.proc.poll() is not None, 60,
+                   what=f"worker {self.name} ready")
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"worker {self.name} exited:\n{self.log_path.read_text()[-3000:]}")
         return self
 
     def stop(self, timeout_s: float = 20) -> None:

@@ -109,7 +109,7 @@ def test_stop_then_resume_is_bitwise_equal(tiny_hero_dir, tmp_path, lora_run):
 
 def test_the_adapter_init_is_seeded_and_leaves_the_global_generator_alone(tiny_hero_dir):
     from engine.adapters import prepare_model
-    from engine.trainer import _load_model
+    from engine.model import load_model
 
     config = lora_config()
     torch.manual_seed(123)
@@ -117,7 +117,7 @@ def test_the_adapter_init_is_seeded_and_leaves_the_global_generator_alone(tiny_h
     weights = []
     for _ in range(2):
         torch.manual_seed(123)
-        model = prepare_model(_load_model(tiny_hero_dir), config, torch.device("cpu"))
+        model = prepare_model(load_model(tiny_hero_dir), config, torch.device("cpu"))
         weights.append({n: t.clone() for n, t in trainable_state_dict(model).items()})
         assert torch.equal(torch.rand(3), expected_next)  # as if prepare_model had drawn nothing
     assert_bitwise_equal(*weights)

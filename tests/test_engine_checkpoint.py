@@ -122,3 +122,18 @@ def test_saving_an_existing_step_keeps_it(tmp_path, trained):
 
 def test_latest_of_a_missing_directory_is_none(tmp_path):
     assert ckpt.latest_checkpoint(tmp_path / "nope") is None
+
+
+def test_non_finite_weights_are_never_saved(tmp_path, trained):
+    """A NaN weight (e.g. from a NaN learning rate) must not become a checkpoint a campaign continues from."""
+    model = trained[0]
+    weight = next(p for name, p in model.named_parameters() if name.endswith("embed_tokens.weight"))
+    kept = weight.data[0, 0].item()
+    weight.data[0, 0] = float("nan")
+    try:
+        with pytest.raises(CheckpointError, match=r"refusing to save step-00005: non-finite weights .*embed_tokens"):
+            save(tmp_path, 5, trained)
+    finally:
+        weight.data[0, 0] = kept
+    assert list(tmp_path.iterdir()) == []  # nothing written, not even a temp directory
+    assert ckpt.is_complete(save(tmp_path, 5, trained))

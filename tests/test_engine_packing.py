@@ -1,5 +1,6 @@
-"""engine.packing: rows respect their capacity, positions restart per example, and a packed example's loss is
-exactly its loss alone (no attention across examples, no target across the boundary)."""
+"""engine.packing: rows respect their capacity, positions restart per example, each batch says where its examples
+lie, and a packed example's loss is exactly its loss alone (no attention across examples, no target across the
+boundary). The attention paths themselves are tested in test_engine_attention.py."""
 
 from __future__ import annotations
 
@@ -29,6 +30,18 @@ def model(tiny_hero_dir):
 
 
 @pytest.fixture(scope="module")
+def guild_model(tiny_hero_dir):
+    """The tiny hero with Guild's document attention, as the engine runs it."""
+    from transformers import AutoModelForCausalLM
+
+    from engine.attention import install
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_hero_dir, dtype=torch.float32).eval()
+    install(model, packed=True)
+    return model
+
+
+@pytest.fixture(scope="module")
 def examples(tokenizer):
     return tokenize_examples(chat_examples(0, 12), tokenizer, max_length=128).examples
 
@@ -50,7 +63,7 @@ def test_best_fit_refuses_an_example_longer_than_a_row():
 def test_position_ids_restart_and_boundary_targets_are_masked(examples):
     batch = collate([[0, 1, 2]], examples, pad_id=0, length=sum(len(examples[i]) for i in range(3)) + 5)
     lengths = [len(examples[i]) for i in range(3)]
-    expected_positions = [p for n in lengths + [5] for p in range(n)]
+    expected_positions = [p for n in lengths for p in range(n)] + list(range(lengths[-1], lengths[-1] + 5))
     assert batch.position_ids[0].tolist() == expected_positions
     assert batch.example_index[0].tolist() == [i for i, n in enumerate(lengths) for _ in range(n)] + [-1] * 5
     assert batch.num_tokens == sum(lengths)
@@ -62,23 +75,30 @@ def test_position_ids_restart_and_boundary_targets_are_masked(examples):
     assert (targets[sum(lengths) :] == IGNORE_INDEX).all()  # padding
 
 
-def test_packed_losses_equal_one_by_one_losses(model, examples):
+def test_packed_losses_equal_one_by_one_losses(model, guild_model, examples):
     rows = pack_best_fit([len(e) for e in examples], capacity=256)
     assert any(len(row) > 1 for row in rows)
     with torch.no_grad():
-        packed = per_example_losses(model, collate(rows, examples, pad_id=0))
+        packed = per_example_losses(guild_model, collate(rows, examples, pad_id=0))
         alone = {i: per_example_losses(model, collate([[i]], examples, pad_id=0))[i] for i in range(len(examples))}
     assert packed.keys() == alone.keys()
     for i in alone:
         assert packed[i] == pytest.approx(alone[i], abs=1e-5), i
 
 
-def test_without_restarted_positions_examples_would_see_each_other(model, examples):
-    """The equality above is not vacuous: the same row with one running position sequence changes the loss."""
+def test_batch_lists_each_rows_examples(examples):
+    batch = collate([[0, 1], [2]], examples, pad_id=0)
+    assert batch.documents == ((len(examples[0]), len(examples[1])), (len(examples[2]),))
+    assert batch.input_ids.shape == (2, max(len(examples[0]) + len(examples[1]), len(examples[2])))
+
+
+def test_without_document_boundaries_examples_would_see_each_other(guild_model, examples):
+    """The equality above is not vacuous: the same row read as one sequence (no boundary) changes the second
+    example's loss and not the first's."""
     batch = collate([[0, 1]], examples, pad_id=0)
     with torch.no_grad():
-        separate = per_example_losses(model, batch)
-        batch.position_ids = torch.arange(batch.input_ids.shape[1]).unsqueeze(0)
-        mixed = per_example_losses(model, batch)
+        separate = per_example_losses(guild_model, batch)
+        batch.documents = ((batch.input_ids.shape[1],),)  # one causal pass over the whole row
+        mixed = per_example_losses(guild_model, batch)
     assert abs(separate[1] - mixed[1]) > 1e-3
     assert separate[0] == pytest.approx(mixed[0], abs=1e-5)

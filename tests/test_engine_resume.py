@@ -205,9 +205,9 @@ def test_non_finite_loss_fails_and_keeps_the_last_good_checkpoint(tiny_hero_dir,
     real = trainer_module.loss_sum
     calls = []
 
-    def poisoned(model, batch):  # micro-batches 1..4 are fine; the fifth (step 5) returns NaN
+    def poisoned(model, batch, *args):  # micro-batches 1..4 are fine; the fifth (step 5) returns NaN
         calls.append(1)
-        value = real(model, batch)
+        value = real(model, batch, *args)
         return value * math.nan if len(calls) == 5 else value
 
     monkeypatch.setattr(trainer_module, "loss_sum", poisoned)
@@ -222,3 +222,7 @@ def test_non_finite_loss_fails_and_keeps_the_last_good_checkpoint(tiny_hero_dir,
     assert engine._warm_checkpoint is None
     weights = load_weights(result.checkpoint_path)
     assert all(torch.isfinite(t).all() for t in weights.values())
+    # The loss is read back a step late, but the bad step was skipped on the device (and the next one computed
+    # meanwhile was dropped): the model in memory is still exactly the last good step's.
+    in_memory = engine._model.state_dict()
+    assert_bitwise_equal(weights, {name: in_memory[name] for name in weights})

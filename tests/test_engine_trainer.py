@@ -195,3 +195,19 @@ def test_missing_model_raises_model_load_error(tmp_path):
 def test_importing_engine_does_not_import_torch():
     code = "import sys, engine, engine.formats; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
+
+
+def test_activation_checkpointing_carries_the_document_layout(tiny_hero_dir, tmp_path):
+    """Recomputed layers get the same document layout: the losses are those of the run without it."""
+    results = [
+        TrainerEngine().run_job(
+            chat_examples(),
+            small_config(max_steps=2, gradient_checkpointing=checkpointing),
+            model_path=str(tiny_hero_dir),
+            checkpoint_dir=tmp_path / str(checkpointing),
+            run_id="ac",
+        )
+        for checkpointing in (False, True)
+    ]
+    (plain, recomputed) = ([loss for _, loss in r.loss_history] for r in results)
+    assert recomputed == pytest.approx(plain, abs=1e-6)

@@ -4,13 +4,14 @@ import json
 import subprocess
 import sys
 
+from jobs.queues import PRIORITIES, celery_key
 from tests.services import REPO
 
 EXAMPLES = REPO / "examples"
 
 
 def _queue_lengths(client):
-    return {q: client.llen(q) for q in ("high", "normal", "low")}
+    return {q: client.llen(celery_key(q)) for q in PRIORITIES}
 
 
 def test_enqueue_creates_job_and_message(run_cli, redis_client, guild_home):
@@ -112,6 +113,14 @@ def test_a_corrupted_key_refuses_the_enqueue_and_leaves_nothing(run_cli, redis_c
     left = sorted(k.decode() for k in redis_client.keys("guild:*"))
     assert left == ["guild:jobs:queued"] and _queue_lengths(redis_client)["normal"] == 0
     assert not (guild_home / "datasets").exists() and not (guild_home / "campaigns").exists()
-    doctor = json.loads(run_cli("doctor", "--json", timeout=60).stdout)
+    ran = run_cli("doctor", "--json", timeout=60)
+    assert ran.stdout.startswith("{"), ran.stderr[-3000:]
+    doctor = json.loads(ran.stdout)
     layout = next(c for c in doctor["checks"] if c["name"] == "redis-layout")
     assert not layout["ok"] and "guild:jobs:queued is a list" in layout["detail"] and not doctor["healthy"]
+
+
+def test_preempt_needs_priority_high(run_cli, redis_client):
+    out = run_cli("enqueue", str(EXAMPLES / "text.jsonl"), "--preempt")
+    assert out.returncode == 2 and "--preempt" in out.stderr and "add --priority high" in out.stderr
+    assert _queue_lengths(redis_client) == {"high": 0, "normal": 0, "low": 0}

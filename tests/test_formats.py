@@ -16,8 +16,10 @@ import pytest
 
 from config.errors import GuildError
 from engine.formats import (
+    DEFAULT_LIMITS,
     FORMATS,
     DatasetError,
+    DatasetLimits,
     DatasetSummary,
     Example,
     Problem,
@@ -442,3 +444,145 @@ def test_import_is_light() -> None:
         [sys.executable, "-c", code], check=False, cwd=REPO_ROOT, capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 0, result.stderr
+
+
+# --- streaming, limits and long error lists ----------------------------------------------------------------
+
+
+def read_error(path: Path, **kwargs) -> DatasetError:
+    with pytest.raises(DatasetError) as caught:
+        validate_file(path, display_path=SHOWN, **kwargs)
+    return caught.value
+
+
+def test_a_csv_file_is_named_as_such_and_the_list_says_how_many_more(tmp_path: Path) -> None:
+    path = tmp_path / "train.jsonl"
+    path.write_text("prompt,response\n" + "".join(f"what is {i}?,{i}\n" for i in range(40)))
+    error = read_error(path)
+    lines = str(error).splitlines()
+    assert lines[0] == (f"{SHOWN}: this looks like CSV (comma-separated values), not JSON Lines; convert each row to "
+                        'one JSON object per line, e.g. {"prompt": "...", "response": "..."}')
+    assert [p.line for p in error.problems[1:]] == list(range(1, 20))
+    assert (error.omitted, lines[-1]) == (22, "and 22 more problems")  # 41 lines + the whole-file problem, 20 listed
+
+
+def test_a_tab_separated_file_is_named_as_such(tmp_path: Path) -> None:
+    path = tmp_path / "train.jsonl"
+    path.write_text("prompt\tresponse\nhi\tthere\n")
+    assert "this looks like TSV (tab-separated values)" in read_error(path).problems[0].message
+
+
+def test_broken_json_is_not_taken_for_csv(tmp_path: Path) -> None:
+    path = tmp_path / "train.jsonl"
+    path.write_bytes(b'{"text": "a", "x"\n{"text": "b",}\n')
+    assert "CSV" not in str(read_error(path))
+
+
+def test_every_line_of_another_format_is_still_checked(tmp_path: Path) -> None:
+    """A mixed file: the first differing line is named, and a broken line of either format is reported."""
+    path = tmp_path / "train.jsonl"
+    path.write_bytes(jsonl(PAIR, {"messages": "x"}, PAIR, {"messages": "y"}, {"prompt": "p"}))
+    error = read_error(path)
+    assert [(p.line, p.message.split(";")[0]) for p in error.problems] == [
+        (2, "line 2 is messages format but the file started with prompt/response format at line 1"),
+        (2, "'messages' must be a list of {\"role\": ..., \"content\": ...} objects, got a string"),
+        (4, "'messages' must be a list of {\"role\": ..., \"content\": ...} objects, got a string"),
+        (5, "'response' is missing"),
+    ]
+
+
+def test_an_overlong_line_is_named_and_the_next_lines_are_checked(tmp_path: Path) -> None:
+    path = tmp_path / "train.jsonl"
+    path.write_bytes(jsonl(TEXT) + jsonl({"text": "x" * 5000}) + jsonl({"text": ""}) + jsonl(TEXT))
+    error = read_error(path, limits=DatasetLimits(max_line_bytes=1024))
+    assert [p.line for p in error.problems] == [2, 3]
+    assert error.problems[0].message.startswith("the line is longer than 1 KiB, the limit per line")
+    assert "GUILD_MAX_LINE_BYTES" in error.problems[0].message
+    # Exactly at the limit is fine, CRLF included.
+    line = json.dumps({"text": "y" * 1000}).encode()
+    path.write_bytes(line + b"\r\n")
+    assert validate_file(path, limits=DatasetLimits(max_line_bytes=len(line))).num_examples == 1
+
+
+def test_a_file_over_the_size_limit_is_refused_before_reading(tmp_path: Path, monkeypatch) -> None:
+    path = tmp_path / "train.jsonl"
+    path.write_bytes(jsonl(*([TEXT] * 100)))
+    monkeypatch.setattr("builtins.open", lambda *a, **k: pytest.fail("the file was opened"))
+    error = read_error(path, limits=DatasetLimits(max_file_bytes=1024))
+    assert [(p.line, p.message) for p in error.problems] == [
+        (None, "is 2.2 KiB, over the limit of 1 KiB per dataset file; split it into several files (each becomes a job "
+               "of the same campaign) or raise GUILD_MAX_DATASET_BYTES")]
+
+
+def test_too_many_examples_stop_the_check(tmp_path: Path) -> None:
+    path = tmp_path / "train.jsonl"
+    path.write_bytes(jsonl(*([TEXT] * 30)) + b"\n\n")
+    error = read_error(path, limits=DatasetLimits(max_examples=10))
+    assert len(error.problems) == 1 and error.problems[0].line is None
+    assert error.problems[0].message.startswith("holds more than 10 examples (checked up to line 10)")
+    assert validate_file(path, limits=DatasetLimits(max_examples=30)).num_examples == 30
+
+
+class _CountingReader:
+    """A binary file that counts the bytes handed out (to prove a check stops reading early)."""
+
+    def __init__(self, real):
+        self.real, self.handed_out = real, 0
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.real.close()
+
+    def read(self, *args):
+        data = self.real.read(*args)
+        self.handed_out += len(data)
+        return data
+
+    def readline(self, *args):
+        data = self.real.readline(*args)
+        self.handed_out += len(data)
+        return data
+
+
+def test_a_binary_file_is_refused_at_its_first_line_without_reading_the_rest(tmp_path: Path, monkeypatch) -> None:
+    path = tmp_path / "zeros.jsonl"
+    with open(path, "wb") as f:
+        f.truncate(256 * 2**20)  # a sparse file: 256 MiB of NUL bytes, no disk used
+    real_open, readers = open, []
+
+    def counting_open(*args, **kwargs):
+        readers.append(_CountingReader(real_open(*args, **kwargs)))
+        return readers[-1]
+
+    monkeypatch.setattr("builtins.open", counting_open)
+    error = read_error(path, limits=DEFAULT_LIMITS)
+    assert [(p.line, p.message.split(";")[0]) for p in error.problems] == [
+        (1, "holds a NUL byte (0x00 at byte 1 of the line)")]
+    assert readers[0].handed_out <= 2 * DEFAULT_LIMITS.max_line_bytes  # of 256 MiB
+
+
+def test_validation_hashes_what_it_streams(tmp_path: Path) -> None:
+    path = tmp_path / "train.jsonl"
+    data = jsonl(*[{"text": f"line {i} " + "é" * (i % 7)} for i in range(3000)])
+    path.write_bytes(data)
+    summary = validate_file(path, limits=DatasetLimits(max_line_bytes=64))
+    assert summary.sha256 == hashlib.sha256(data).hexdigest() and summary.num_examples == 3000
+    assert summary.estimated_tokens == estimate_tokens(read_examples(path))
+
+
+def test_limits_come_from_the_settings() -> None:
+    from config.errors import SettingsError
+    from config.settings import Settings
+
+    env = {"GUILD_HOME": "/tmp/x", "GUILD_MAX_DATASET_BYTES": "4GiB", "GUILD_MAX_LINE_BYTES": "512KiB",
+           "GUILD_MAX_EXAMPLES": "2_000_000"}
+    assert Settings.from_env(env).dataset_limits == DatasetLimits(4 * 2**30, 512 * 2**10, 2_000_000)
+    assert Settings.from_env({"GUILD_HOME": "/tmp/x"}).dataset_limits == DEFAULT_LIMITS
+    for bad in ("lots", "0", "-5", "1.5GiB"):
+        with pytest.raises(SettingsError, match="GUILD_MAX_EXAMPLES"):
+            Settings.from_env({"GUILD_HOME": "/tmp/x", "GUILD_MAX_EXAMPLES": bad})

@@ -21,7 +21,7 @@ from jobs.memory_store import MemoryJobStore
 from jobs.submit import SubmitRequest, submit
 from tasks.engines import StandInEngine
 from tasks.lifecycle import JobRunner, OutcomeKind
-from tasks.sweeper import sweep_once
+from tasks.sweeper import release_due, sweep_once
 from tests.services import REPO
 
 EXAMPLES = REPO / "examples"
@@ -114,8 +114,10 @@ def test_transient_failure_requeues_with_backoff_then_fails_past_max_attempts(se
     assert job.attempts == 1 and "CUDA out of memory" in job.last_error
     assert store.runtime(job_id).retry_at > time.time()  # backoff: not before retry_at
     assert "retry in 5 s" in store.history(job_id)[-1]["reason"]
-    deferred = runner.run(job_id, Publisher())
-    assert deferred.action is OutcomeKind.DEFERRED and runner.engine.calls == 1
+    delivered = Publisher()
+    waiting = runner.run(job_id, delivered)
+    assert waiting.action is OutcomeKind.WAITING and runner.engine.calls == 1 and delivered.sent == []
+    assert waiting.detail.startswith("waiting for its retry backoff until ")
     for expected_attempts in (2, 3):
         store.update(job_id, retry_at=0)
         runner.run(job_id, Publisher())
@@ -164,6 +166,74 @@ def test_a_broken_chat_template_fails_the_job_instead_of_skipping_the_data(setti
     job = store.get(job_id)
     assert outcome.action is OutcomeKind.FAILED and job.status is JobStatus.FAILED
     assert "chat_template.jinja is broken" in job.last_error
+
+
+# ------------------------------------------------------------------------------------------- waiting (parked)
+
+
+def test_a_job_behind_another_of_its_campaign_waits_without_a_message_and_starts_when_it_ends(settings, store):
+    """The job ahead runs on worker A; B's delivery on worker B parks (no republish, no loop); A's end wakes it."""
+    first = _enqueue(settings, store, sets={"max_steps": "3"}, campaign="shared")
+    second = _enqueue(settings, store, path=EXAMPLES / "messages.jsonl", sets={"max_steps": "2"}, campaign="shared")
+    other_worker, parked = _runner(settings, store, Engine(), name="gpu1@t"), []
+
+    def deliver_second(step):
+        if step == 1:
+            sent = Publisher()
+            parked.append((other_worker.run(second, sent), sent.sent, store.runtime(second).waiting))
+
+    woke = Publisher()
+    assert _runner(settings, store, Engine(on_step=deliver_second)).run(first, woke).action is OutcomeKind.COMPLETED
+    [(outcome, sent, wait)] = parked
+    assert outcome.action is OutcomeKind.WAITING and outcome.detail == f"after job {first} of campaign shared"
+    assert sent == [] and wait.after == first and wait.kind.value == "campaign"
+    assert woke.sent == [(second, "normal", True)]  # the end of the first woke it, at the head of its queue
+    assert store.runtime(second).waiting is None and store.waiting() == {} and store.unpublished(0) == []
+    assert other_worker.run(second, Publisher()).action is OutcomeKind.COMPLETED
+    assert store.get(second).start_step == 3
+
+
+def test_a_job_behind_a_queued_one_waits_for_it_and_the_sweep_wakes_it_when_that_one_is_cancelled(
+        settings, store):
+    first = _enqueue(settings, store, campaign="c")
+    second = _enqueue(settings, store, path=EXAMPLES / "messages.jsonl", campaign="c")
+    store.mark_published([first, second])
+    outcome = _runner(settings, store, Engine()).run(second, Publisher())
+    assert outcome.action is OutcomeKind.WAITING and outcome.wait.after == first
+    from jobs.control import cancel_job
+
+    cancel_job(store, first)  # its message is in a queue somewhere; nobody may ever deliver it
+    sent = []
+    sweep_once(store, 60, lambda job_id, priority, at_head=False: sent.append((job_id, at_head)))
+    assert sent == [(second, True)] and store.waiting() == {}
+    assert _runner(settings, store, Engine()).run(second, Publisher()).action is OutcomeKind.COMPLETED
+
+
+def test_a_backoff_wait_is_released_by_the_sweep_when_it_is_over(settings, store, clock):
+    job_id = _enqueue(settings, store, sets={"max_steps": "2"})
+    store.mark_published([job_id])
+    runner = _runner(settings, store, Engine(raises=OutOfMemoryError("CUDA out of memory")))
+    runner.run(job_id, Publisher())
+    waiting = runner.run(job_id, Publisher())
+    assert waiting.action is OutcomeKind.WAITING and waiting.wait.until == store.runtime(job_id).retry_at
+    sent = []
+    assert release_due(store, lambda *a, **k: sent.append(a)) == [] and sent == []
+    clock.now = store.runtime(job_id).retry_at + 0.5
+    assert release_due(store, lambda job_id, priority, at_head=False: sent.append((job_id, at_head))) == [job_id]
+    assert sent == [(job_id, True)] and store.waiting() == {} and store.unpublished(0) == []
+
+
+def test_a_second_copy_of_a_running_jobs_message_is_dropped_not_parked(settings, store):
+    job_id = _enqueue(settings, store, sets={"max_steps": "3"})
+    copies = []
+
+    def deliver_again(step):
+        if step == 1:
+            copies.append(_runner(settings, store, Engine(), name="gpu1@t").run(job_id, Publisher()))
+
+    assert _runner(settings, store, Engine(on_step=deliver_again)).run(job_id, Publisher()).action is \
+        OutcomeKind.COMPLETED
+    assert copies[0].action is OutcomeKind.DROPPED and store.waiting() == {}
 
 
 # ------------------------------------------------------------------------------------------- the happy path
@@ -360,22 +430,14 @@ class BrokerDown(Publisher):
         raise redis.ConnectionError("Error 111 connecting to 127.0.0.1:6379. Connection refused.")
 
 
-@pytest.mark.parametrize("why", ["not its turn", "stepping aside"])
-def test_a_message_that_cannot_be_sent_again_is_sent_by_the_sweep(settings, store, clock, why):
-    """The delivery being handled is acked even when the task fails: a deferral or a step aside whose new message
-    cannot go out (Redis killed meanwhile) must not leave the job queued with no message, forever. The fleet
-    benchmark lost 11 jobs (4 of them their campaign's next, so 4 campaigns stalled) to a Redis kill -9 this way."""
-    first = _enqueue(settings, store, sets={"max_steps": "200"})
-    second = _enqueue(settings, store, path=EXAMPLES / "messages.jsonl")
-    # the first job goes first, so the second is deferred; or the first is paused mid-job and steps aside
-    job_id = second if why == "not its turn" else first
-    engine = Engine(steps_s=0.005, on_step=lambda step: store.request_stop(first, StopReason.PAUSE))
+def test_a_step_aside_whose_message_cannot_be_sent_is_sent_by_the_sweep(settings, store, clock):
+    """The delivery being handled is acked even when the task fails: a step aside whose new message cannot go out
+    (Redis killed meanwhile) must not leave the job queued with no message, forever. The fleet benchmark lost 11 jobs
+    (4 of them their campaign's next, so 4 campaigns stalled) to a Redis kill -9 this way."""
+    job_id = _enqueue(settings, store, sets={"max_steps": "200"})
+    engine = Engine(steps_s=0.005, on_step=lambda step: store.request_stop(job_id, StopReason.PAUSE))
     runner = _runner(settings, store, engine, beat_s=0.01)
-    if why == "not its turn":
-        with pytest.raises(redis.ConnectionError):  # the task fails; its delivery is acked all the same
-            runner.run(job_id, BrokerDown())
-    else:
-        runner.run(job_id, BrokerDown())  # the crash handler finds the job already back in the queue
+    runner.run(job_id, BrokerDown())  # the crash handler finds the job already back in the queue
     assert store.get(job_id).status is JobStatus.QUEUED
     assert store.unpublished(0) == [job_id]
     resent = Publisher()
@@ -411,12 +473,14 @@ def test_a_delivery_that_dies_before_its_claim_leaves_the_job_to_the_sweep(setti
     assert store.unpublished(0) == []
 
 
-def test_a_deferral_that_sends_its_message_leaves_nothing_to_resend(settings, store):
+def test_a_parked_delivery_leaves_nothing_to_resend(settings, store):
+    """Every delivery of a queued job marks it unpublished until it is claimed or parked: parking clears the mark
+    with the wait (the job gets its next message when woken), so the sweep sends nothing."""
     _enqueue(settings, store)
     second = _enqueue(settings, store, path=EXAMPLES / "messages.jsonl")
     sent = Publisher()
-    assert _runner(settings, store, Engine()).run(second, sent).action is OutcomeKind.DEFERRED
-    assert sent.sent == [(second, "normal", False)] and store.unpublished(0) == []
+    assert _runner(settings, store, Engine()).run(second, sent).action is OutcomeKind.WAITING
+    assert sent.sent == [] and store.unpublished(0) == [] and list(store.waiting()) == [second]
 
 
 def test_a_lost_workers_campaign_stays_locked_until_the_sweep_takes_its_job_over(settings, store, clock, home):
@@ -433,12 +497,16 @@ def test_a_lost_workers_campaign_stays_locked_until_the_sweep_takes_its_job_over
     dead = CampaignLock(store, campaign, holder=f"gpu9@t:{first}", lease_s=runner_lease(settings))
     assert dead.acquire() and store.claim(first, "gpu9@t", lock_token=dead.token) is not None
     clock.now += settings.heartbeat_stale_s + 1  # its heartbeat is stale: no sweep has run yet
-    assert runner.run(second, Publisher()).action is OutcomeKind.DEFERRED  # the campaign is still held
-    assert store.get(second).status is JobStatus.QUEUED
-    assert sweep_once(store, settings.heartbeat_stale_s, Publisher()) == [first]  # taken over, its lock released
+    waiting = runner.run(second, Publisher())  # the campaign is still held
+    assert waiting.action is OutcomeKind.WAITING and waiting.wait.after == first
+    swept = Publisher()
+    assert sweep_once(store, settings.heartbeat_stale_s, swept) == [first]  # taken over, its lock released
     assert store.campaign_lock_holder(campaign) is None
-    assert runner.run(second, Publisher()).action is OutcomeKind.DEFERRED  # the lost job goes first
-    assert runner.run(first, Publisher()).action is OutcomeKind.COMPLETED
+    assert swept.sent == [(first, "normal", False)]  # the lost job goes first: the parked one stays parked
+    assert list(store.waiting()) == [second]
+    woken = Publisher()
+    assert runner.run(first, woken).action is OutcomeKind.COMPLETED
+    assert woken.sent == [(second, "normal", True)]  # the end of the run wakes the campaign's next job
     assert runner.run(second, Publisher()).action is OutcomeKind.COMPLETED
     assert CampaignStore(home).get(campaign).current_step == 8
     assert (store.get(first).start_step, store.get(second).start_step) == (0, 4)
@@ -466,7 +534,7 @@ def test_a_job_that_stepped_aside_resumes_before_a_higher_job_of_its_campaign(se
     store.clear_stop(low)
     campaign = store.get(low).campaign_id
     assert store.campaign_head(campaign) == low  # not the high job
-    assert runner.run(high["id"], Publisher()).action is OutcomeKind.DEFERRED
+    assert runner.run(high["id"], Publisher()).wait.after == low  # parked behind the low job
     assert runner.run(low, Publisher()).action is OutcomeKind.COMPLETED
     assert runner.run(high["id"], Publisher()).action is OutcomeKind.COMPLETED
     assert (store.get(low).final_step, store.get(high["id"]).start_step) == (10, 10)

@@ -21,7 +21,7 @@ import pytest
 import redis
 
 from jobs import keys
-from jobs.queues import PRIORITIES
+from jobs.queues import PRIORITIES, celery_key
 from tests.reliability_helpers import (
     enqueue_ids,
     no_traceback,
@@ -95,6 +95,11 @@ CASES = [
     Case("symlink-loop", "loop", None, "symlink loop"),
     Case("dangling-symlink", "dangling", None, "symlink whose target does not exist"),
     Case("fifo", "fifo", None, "not a regular file"),
+    Case("csv-renamed-jsonl", b"prompt,response\n" + b"".join(b"what is %d?,%d\n" % (i, i) for i in range(30)), None,
+         "this looks like CSV"),
+    Case("broken-line-of-the-other-format", _line({"prompt": "p", "response": "r"}) * 2 + _line({"messages": "x"}) * 2,
+         4, "'messages' must be a list"),
+    Case("line-over-1-MiB", _line({"text": "x" * 2**20}), 1, "longer than 1 MiB, the limit per line"),
 ]
 ALONE = ["missing-path", "a-directory", "symlink-loop", "json-array-instead-of-lines"]
 
@@ -117,7 +122,7 @@ def _make(directory, case: Case) -> str:
 
 def _enqueued_anything(client, home) -> list[str]:
     found = [k.decode() for k in client.scan_iter(match=keys.PREFIX + "*")]
-    found += [f"queue {q}" for q in PRIORITIES if client.llen(q)]
+    found += [f"queue {q}" for q in PRIORITIES if client.llen(celery_key(q))]
     datasets = home / "datasets"
     found += [str(p) for p in datasets.rglob("*") if p.is_file()] if datasets.exists() else []
     found += [str(p) for p in (home / "campaigns").glob("*/*")] if (home / "campaigns").exists() else []
@@ -135,7 +140,7 @@ def bad_batch(redis_server, tiny_hero_dir, tmp_path_factory):
     files.mkdir()
     good = str(write_dataset(files / "good.jsonl", "good"))
     paths = {case.name: _make(files, case) for case in CASES}
-    client = redis.Redis.from_url(redis_server.url)
+    client = redis.Redis.from_url(redis_server.admin_url)
     client.flushall()
     env = {**os.environ, "REDIS_URL": redis_server.url, "GUILD_HOME": str(home), "PYTHONUNBUFFERED": "1"}
     started = time.monotonic()
@@ -168,6 +173,30 @@ def test_each_bad_file_is_named_with_its_line(bad_batch, case):
     lines = [line for line in bad_batch.batch.stderr.splitlines() if line.startswith(f"{path}:")]
     where = f"{path}:{case.line}: " if case.line else f"{path}: "
     assert any(line.startswith(where) and case.says.lower() in line.lower() for line in lines), lines
+
+
+def test_a_long_problem_list_says_how_many_more(bad_batch):
+    """The CSV file has 31 bad lines and a whole-file problem; 20 are listed, then the count of the rest."""
+    path = bad_batch.paths["csv-renamed-jsonl"]
+    lines = [line for line in bad_batch.batch.stderr.splitlines() if line.startswith(f"{path}:")]
+    assert len(lines) == 21 and lines[-1] == f"{path}: and 12 more problems", lines[-3:]
+
+
+def test_non_finite_and_zero_numbers_are_refused_at_enqueue(guild_env, redis_client, tmp_path):
+    """``--set learning_rate=nan`` used to train a NaN checkpoint that became the campaign's latest."""
+    good = str(write_dataset(tmp_path / "good.jsonl", "numbers"))
+    calls = [["learning_rate=nan", "epochs=0", "max_grad_norm=-inf", "eps=1e999"],
+             ["learning_rate=inf", "epochs=inf"]]
+    outs = run_clis_at_once(guild_env, [["enqueue", good, *[a for s in c for a in ("--set", s)]] for c in calls])
+    for sets, out in zip(calls, outs):
+        assert out.returncode == 2 and no_traceback(out.stderr) and out.stdout == "", out.stderr
+        lines = out.stderr.splitlines()
+        for setting in sets:
+            key = setting.split("=")[0]
+            says = "must be positive, got 0.0 (0 epochs train nothing" if setting == "epochs=0" else \
+                "expected a finite number"
+            assert any(f"key '{key}': {says}" in line for line in lines), (setting, out.stderr)
+    assert redis_client.dbsize() == 0
 
 
 @pytest.mark.parametrize("name", ALONE)

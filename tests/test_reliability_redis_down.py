@@ -9,7 +9,7 @@ import pytest
 import redis
 
 from jobs import keys
-from jobs.queues import PRIORITIES
+from jobs.queues import PRIORITIES, celery_key
 from jobs.store import JobStore
 from tests.reliability_helpers import OwnRedis, no_traceback, record_figure, wait_final, write_dataset
 from tests.services import wait_until
@@ -46,7 +46,7 @@ def test_enqueue_with_redis_down_fails_cleanly_and_writes_nothing(own_redis, run
     # ---- Redis back: nothing of the failed batch anywhere -----------------------------------------------------------
     own_redis.start()
     client = redis.Redis.from_url(own_redis.url)
-    assert _guild_keys(client) == [] and [client.llen(q) for q in PRIORITIES] == [0, 0, 0]
+    assert _guild_keys(client) == [] and [client.llen(celery_key(q)) for q in PRIORITIES] == [0, 0, 0]
     datasets = guild_home / "datasets"
     assert not datasets.exists() or not [p for p in datasets.rglob("*") if p.is_file()]
     assert not list((guild_home / "campaigns").glob("*/while-down")) if (guild_home / "campaigns").exists() else True

@@ -10,8 +10,10 @@ from jobs import keys
 from jobs.errors import DuplicateDataset, IllegalTransition, NotOwner, StoreLayoutError, UnknownJob
 from jobs.job import Job, JobStatus, StopReason
 from jobs.memory_store import MemoryJobStore
+from jobs.queues import celery_key
 from jobs.retry import RetryPolicy
 from jobs.store import JobStore
+from jobs.waiting import Wait
 
 
 def _job(job_id="20260101T000000_a", priority="normal", campaign="c1"):
@@ -219,6 +221,42 @@ def test_workers_and_pauses(any_store):
     assert any_store.paused_workers() == set()
 
 
+def test_a_parked_job_waits_until_its_campaign_is_free_and_it_is_first(any_store):
+    a = any_store.create(_job("a"), "sha-a")
+    b = any_store.create(_job("b"), "sha-b")
+    wait_b = Wait.for_campaign("c1", after="a", now=5.0)
+    assert any_store.park("b", wait_b) and any_store.runtime("b").waiting == wait_b
+    assert any_store.waiting() == {"b": wait_b} and any_store.waits(["a", "b"]) == {"b": wait_b}
+    # The first job of a free campaign may not park: it would miss the wake-up meant for it.
+    assert not any_store.park("a", Wait.for_campaign("c1", after=None))
+    assert any_store.wake_head("c1") is None  # a is first and not parked: nothing to wake
+    any_store.claim(a.id, "w", token="t")
+    assert any_store.acquire_campaign_lock("c1", "w:a", 60)
+    assert any_store.wake_head("c1") is None  # the campaign is held
+    any_store.transition(a.id, JobStatus.COMPLETED, owner="t")
+    any_store.release_campaign_lock("c1", "w:a")
+    any_store.mark_published([a.id, b.id])
+    assert any_store.wake_head("c1") == b.id and any_store.wake_head("c1") is None  # woken once
+    assert any_store.runtime(b.id).waiting is None and any_store.waiting() == {}
+    assert any_store.unpublished(0) == [b.id]  # until its message is sent
+
+
+def test_a_backoff_wait_is_due_at_its_time_and_any_status_change_ends_a_wait(any_store):
+    any_store.create(_job("a"), "sha-a")
+    any_store.create(_job("b", campaign="c2"), "sha-b")
+    any_store.mark_published(["a", "b"])
+    assert any_store.park("a", Wait.for_backoff("c1", until=any_store.clock.now + 10))
+    assert any_store.release_due() == [] and any_store.wake_head("c1") is None  # not before its time
+    any_store.clock.now += 10
+    assert any_store.release_due() == ["a"] and any_store.release_due() == []
+    assert any_store.unpublished(0) == ["a"]
+    assert any_store.acquire_campaign_lock("c2", "w:x", 60)
+    assert any_store.park("b", Wait.for_campaign("c2", after="x"))  # first of c2, but c2 is held...
+    any_store.transition("b", JobStatus.CANCELLED)  # ...then cancelled: no longer waiting
+    assert any_store.waiting() == {} and any_store.runtime("b").waiting is None
+    assert not any_store.park("b", Wait.for_campaign("c2", after="x"))  # only a queued job waits
+
+
 def test_dead_letters(any_store):
     any_store.dead_letter(b'"hello"', {"id": "x", "task": "guild.train"}, "ValueError: too many values", "normal")
     any_store.dead_letter(b"\xff\x00binary", {}, "cannot decode", "low")
@@ -274,24 +312,27 @@ def test_check_layout_names_every_wrong_key(store, redis_client):
     assert store.check_layout() == []
     redis_client.delete(keys.JOBS_SUMMARY)
     redis_client.lpush(keys.JOBS_SUMMARY, "x")
-    redis_client.hset("high", "not", "a list")
+    redis_client.hset(celery_key("high"), "not", "a list")  # the queue's list, under kombu's prefix
     problems = store.check_layout()
     assert len(problems) == 2
     assert any("guild:jobs:summary is a list, not a hash" in p for p in problems)
-    assert any("high is a hash, not a list" in p for p in problems)
+    assert any("guild-celery:high is a hash, not a list" in p for p in problems)
 
 
 def test_move_message_to_head_finds_non_ascii_ids(store, redis_client, redis_server):
     from celery import Celery
 
+    from celeryconfig import broker_transport_options
+
     app = Celery("t", broker=redis_server.url, set_as_current=False)
+    app.conf.broker_transport_options = broker_transport_options  # the guild-celery: key prefix, as workers use
     try:
         for job_id in ("20260101T000000_a", "20260101T000000_数据", "20260101T000000_b"):
             app.send_task("guild.train", args=[job_id], task_id=job_id, queue="low", routing_key="low")
     finally:
         app.close()
     assert store.move_message_to_head("low", "20260101T000000_数据")
-    head = json.loads(redis_client.lrange("low", -1, -1)[0])["headers"]["id"]
+    head = json.loads(redis_client.lrange(celery_key("low"), -1, -1)[0])["headers"]["id"]
     assert head == "20260101T000000_数据" and store.message_counts() == {"high": 0, "normal": 0, "low": 3}
     assert not store.move_message_to_head("low", "absent")
 
@@ -312,39 +353,46 @@ def test_finding_a_campaigns_head_costs_the_same_whatever_its_backlog(store, red
 
     jobs = [store.create(_job(f"20260101T000000_j{i:03d}"), f"sha-{i}") for i in range(10)]
     store.claim(jobs[0].id, "gpu0@test")
-    assert head_cost() == (jobs[1].id, 5)  # one ZRANGE of 4 entries, 4 pipelined HGETs
+    assert head_cost() == (jobs[1].id, 3)  # one ZRANGE of 4 entries, the statuses up to the first queued
     jobs += [store.create(_job(f"20260101T000000_j{i:03d}"), f"sha-{i}") for i in range(10, 60)]
-    assert head_cost() == (jobs[1].id, 5)  # six times the backlog, the same cost
+    assert head_cost() == (jobs[1].id, 3)  # six times the backlog, the same cost
     for job in jobs[1:59]:
         store.transition(job.id, JobStatus.CANCELLED)
     assert head_cost() == (jobs[59].id, 3)
     store.transition(jobs[59].id, JobStatus.CANCELLED)
-    assert head_cost() == (None, 3)
+    assert head_cost() == (None, 2)
 
 
 def test_a_message_stranded_in_a_dead_delivery_goes_back_to_its_queue(store, redis_client, redis_server):
     # What kombu leaves when the broker connection breaks between taking a message and running its task (the fleet
-    # benchmark's Redis kill -9): the message in its unacked hash, not in any queue, until the visibility timeout.
+    # benchmark's Redis kill -9), or the worker dies: the message in its unacked hash (under the guild-celery: key
+    # prefix), in no queue, until the visibility timeout.
     from celery import Celery
+
+    from celeryconfig import broker_transport_options
 
     queued, running, recent = (store.create(_job(f"20260101T000000_{n}", priority="high", campaign=n), f"sha-{n}")
                                for n in ("queued", "running", "recent"))
     store.claim(running.id, "gpu0@test")
     app = Celery("t", broker=redis_server.url, set_as_current=False)
+    app.conf.broker_transport_options = broker_transport_options  # the guild-celery: key prefix, as workers use
     try:
         for job in (queued, running, recent):
             app.send_task("guild.train", args=[job.id], task_id=job.id, queue="high", routing_key="high")
+        with app.connection_for_read() as conn:  # a worker takes the three messages and dies before acking
+            channel = conn.default_channel
+            tags = [channel.basic_get("high", no_ack=False).delivery_tag for _ in range(3)]
+            channel.do_restore = False  # died: nothing given back at the connection's close
     finally:
         app.close()
+    unacked, index = celery_key(keys.KOMBU_UNACKED), celery_key(keys.KOMBU_UNACKED_INDEX)
+    assert redis_client.hlen(unacked) == 3 and redis_client.llen(celery_key("high")) == 0
     now = store._clock()
-    for tag, (job, age) in enumerate(((queued, 100), (running, 100), (recent, 5))):
-        raw = redis_client.rpop("high")  # taken by a worker (in sending order)...
-        assert json.loads(raw)["headers"]["id"] == job.id
-        redis_client.hset(keys.KOMBU_UNACKED, f"tag-{tag}", json.dumps([json.loads(raw), "high", "high"]))
-        redis_client.zadd(keys.KOMBU_UNACKED_INDEX, {f"tag-{tag}": now - age})  # ...that long ago, never acked
+    for tag, age in zip(tags, (100, 100, 5)):  # taken that long ago (in sending order)
+        redis_client.zadd(index, {tag: now - age})
 
     assert store.restore_stranded(60) == [queued.id]
-    assert [json.loads(m)["headers"]["id"] for m in redis_client.lrange("high", 0, -1)] == [queued.id]
-    assert sorted(k.decode() for k in redis_client.hkeys(keys.KOMBU_UNACKED)) == ["tag-1", "tag-2"]
-    assert redis_client.zscore(keys.KOMBU_UNACKED_INDEX, "tag-0") is None
+    assert [json.loads(m)["headers"]["id"] for m in redis_client.lrange(celery_key("high"), 0, -1)] == [queued.id]
+    assert sorted(k.decode() for k in redis_client.hkeys(unacked)) == sorted(tags[1:])
+    assert redis_client.zscore(index, tags[0]) is None
     assert store.restore_stranded(60) == []  # once
