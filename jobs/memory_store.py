@@ -482,7 +482,8 @@ class MemoryJobStore:
             return {q: len(self.messages[q]) for q in PRIORITIES}
 
     def restore_stranded(self, older_than_s: float) -> list[str]:
-        """No broker here: nothing is ever stranded."""
+        """Redis-only in substance: a stranded message lives in kombu's ``unacked`` hash
+        (``JobStore.restore_stranded``), and this store has no broker, so nothing is ever stranded here; always []."""
         return []
 
     def move_message_to_head(self, queue: str, job_id: str) -> bool:

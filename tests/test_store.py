@@ -241,6 +241,49 @@ def test_a_parked_job_waits_until_its_campaign_is_free_and_it_is_first(any_store
     assert any_store.unpublished(0) == [b.id]  # until its message is sent
 
 
+def test_the_head_is_the_first_queued_job_however_far_down_the_pending_set(any_store):
+    # The Redis store reads the pending set a few entries at a time (CAMPAIGN_HEAD_CHUNK): the head found past the
+    # first chunks, and None when nothing is queued, must be the memory store's answer too.
+    jobs = [any_store.create(_job(f"20260101T000000_j{i:02d}"), f"sha-{i}") for i in range(11)]
+    any_store.claim(jobs[0].id, "w1", token="t0")
+    for job in jobs[1:9]:
+        any_store.transition(job.id, JobStatus.CANCELLED)
+    assert any_store.campaign_pending("c1") == [jobs[0].id, jobs[9].id, jobs[10].id]
+    assert any_store.campaign_head("c1") == jobs[9].id
+    for job in jobs[9:]:
+        any_store.transition(job.id, JobStatus.CANCELLED)
+    assert any_store.campaign_head("c1") is None and any_store.campaign_head("no-such-campaign") is None
+    for i in range(4):  # exactly a chunk of processing jobs (other campaigns' heads are their own)
+        job = any_store.create(_job(f"20260101T000001_p{i}", campaign="c2"), f"sha-p{i}")
+        any_store.claim(job.id, "w", token=f"p{i}")
+    assert any_store.campaign_head("c2") is None
+    last = any_store.create(_job("20260101T000002_last", campaign="c2"), "sha-last")
+    assert any_store.campaign_head("c2") == last.id
+
+
+def test_parking_clears_the_unpublished_mark_of_the_delivery(any_store):
+    # A delivery marks its queued job unpublished until it claims or parks it (a delivery that dies in between
+    # leaves the job to the sweep); parking clears the mark: the wake-up sends the next message.
+    a = any_store.create(_job("a"), "sha-a")
+    b = any_store.create(_job("b"), "sha-b")
+    any_store.mark_published([a.id, b.id])
+    any_store.mark_unpublished(b.id)
+    assert any_store.unpublished(0) == [b.id]
+    assert any_store.park(b.id, Wait.for_campaign("c1", after=a.id))
+    assert any_store.unpublished(0) == []
+    any_store.mark_unpublished(a.id)
+    assert not any_store.park(a.id, Wait.for_campaign("c1", after=None))  # refused (its turn): the mark stays
+    assert any_store.unpublished(0) == [a.id]
+
+
+def test_nothing_is_stranded_without_a_broker_message(any_store):
+    # restore_stranded only reads kombu's unacked hash (Redis-only state; the memory store has no broker and always
+    # answers []): a store with jobs and no taken message restores nothing, on both.
+    job = any_store.create(_job(), "x")
+    any_store.clock.now += 1000
+    assert any_store.restore_stranded(60) == [] and any_store.get(job.id).status is JobStatus.QUEUED
+
+
 def test_a_backoff_wait_is_due_at_its_time_and_any_status_change_ends_a_wait(any_store):
     any_store.create(_job("a"), "sha-a")
     any_store.create(_job("b", campaign="c2"), "sha-b")
