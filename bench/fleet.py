@@ -67,7 +67,7 @@ class FleetConfig:
     mix: tuple[float, float, float] = (0.2, 0.5, 0.3)  # high, normal, low shares of the batches
     max_batch: int = 10  # files per enqueue call: 1..max_batch (one campaign, one priority per call)
     # 5% enqueued before the workers start (a backlog of 250), the rest at ~3.2 jobs/s while they run: below what
-    # the fleet sustains; a deeper backlog collapses throughput (RESULTS.md, "Fleet", the deferral loop).
+    # the 2-core machine's CPUs sustain (~570 jobs/min at 0.21 CPU-s a job, RESULTS.md, "Fleet").
     preload: float = 0.05
     feed_s: float = 1500.0  # the rest arrives evenly over this many seconds
     stale_s: float = 15.0  # GUILD_HEARTBEAT_STALE_S of the workers
@@ -456,7 +456,7 @@ def _ok(report: dict) -> bool:
 
 def _kill_workers(fleet: Fleet, store, count: int, force: bool = False) -> list[dict]:
     """``kill -9`` the process groups of ``count`` workers: half of them while they train a job, the others while
-    they do anything else (mostly holding a deferred job's message, at a backlog). Returns [] (to try again a little
+    they do anything else (idle, or handling a delivery that parks its job). Returns [] (to try again a little
     later) until enough workers are training, unless ``force``."""
     from jobs.job import JobStatus
 
@@ -486,8 +486,8 @@ def _kill_workers(fleet: Fleet, store, count: int, force: bool = False) -> list[
 
 def _recovery(faults: dict, jobs: dict, runs: list, logs: list) -> dict:
     """What the faults cost, and that it was recovered: the job a killed worker trained comes back with one more
-    attempt (the sweep takes it over) and completes once; a message a killed worker held (a deferral) is sent
-    again by the sweep; the jobs running across the Redis restart."""
+    attempt (the sweep takes it over) and completes once; a message a killed worker held is put back by kombu or the
+    sweep; the jobs running across the Redis restart."""
     out = []
     held_by = {(log.worker, log.incarnation): next((t for t in reversed(log.tasks) if t.done is None), None)
                for log in logs}
@@ -499,6 +499,12 @@ def _recovery(faults: dict, jobs: dict, runs: list, logs: list) -> dict:
         job = jobs.get(job_id) if job_id else None
         if job is None:
             out.append({**entry, "ok": job_id is None})  # nothing in hand: nothing to recover
+            continue
+        ended = next((t for t in job.transitions if t.target == "completed"), None)
+        if kill["job"] and ended is not None and ended.at < kill["killed_at"]:
+            # chosen while it trained, but it completed between the choice and the kill: nothing to recover
+            out.append({**entry, "was": "done (its job completed before the kill landed)", "status": job.status,
+                        "attempts": job.attempts, "ok": job.attempts == 1})
             continue
         after = [t for t in job.transitions if t.at >= kill["killed_at"]]
         requeue = next((t for t in after if t.target == "queued"), None)
