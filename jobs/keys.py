@@ -23,6 +23,11 @@ WORKERS = PREFIX + "workers"                    # hash: worker name → epoch se
 SPEEDS = PREFIX + "speeds:{hero}:{kind}"        # list of JSON speed samples of completed jobs, newest first
 DEAD_LETTERS = PREFIX + "dead-letters"          # list of JSON records of messages no worker could run
 
+# kombu's (Celery's Redis transport's) own keys in the same Redis, read by the store to recover stranded messages.
+# kombu adds its global_keyprefix (jobs.queues.CELERY_PREFIX) to them: the store names them in full.
+KOMBU_UNACKED = "unacked"  # hash: delivery tag → JSON [message, exchange, routing key], taken by a worker, not acked
+KOMBU_UNACKED_INDEX = "unacked_index"  # zset: delivery tag → epoch seconds when a worker took it
+
 PRIORITY_SCORE_SCALE = 10**12
 DEAD_LETTERS_KEPT = 1000  # the newest this many; older ones are trimmed
 

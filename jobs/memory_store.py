@@ -31,7 +31,7 @@ from jobs.records import (
 )
 from jobs.retry import Action, RetryPolicy
 from jobs.speeds import SAMPLES_KEPT, SpeedSample, device_kind, sample_of
-from jobs.store import LIVE_STATUSES, RUNTIME_FIELDS, _check_owner, history_record, queue_score
+from jobs.store import LIVE_STATUSES, RUNTIME_FIELDS, _check_owner, campaign_score, history_record, queue_score
 from jobs.waiting import Wait, WaitKind
 
 logger = logging.getLogger(__name__)
@@ -219,7 +219,7 @@ class MemoryJobStore:
 
     def claim(self, job_id: str, worker: str, *, token: str | None = None,
               stale_after_s: float = DEFAULT_HEARTBEAT_STALE_S,
-              policy: RetryPolicy | None = None) -> Job | None:
+              policy: RetryPolicy | None = None, lock_token: str | None = None) -> Job | None:
         job = self.get(job_id)
         if job.status == JobStatus.PROCESSING and self.take_over_stale(job_id, stale_after_s, policy) is not \
                 JobStatus.QUEUED:
@@ -228,7 +228,7 @@ class MemoryJobStore:
             return self.transition(
                 job_id, JobStatus.PROCESSING, expected={JobStatus.QUEUED}, reason=f"claimed by {worker}",
                 fields={"started_at": utc_now(), "finished_at": None, "worker": worker, "heartbeat_at": self._clock(),
-                        "claim": token or uuid.uuid4().hex, "stop_request": None},
+                        "claim": token or uuid.uuid4().hex, "stop_request": None, "campaign_lock": lock_token},
                 update=lambda j: {"attempts": j.attempts + 1})
         except IllegalTransition:
             return None
@@ -250,11 +250,16 @@ class MemoryJobStore:
                 text = f"{reason}; {decision.reason}"
                 self.transition(job_id, JobStatus.FAILED, reason=text,
                                 fields={"last_error": text, "finished_at": utc_now(), "progress": None})
-                return JobStatus.FAILED
-            if resend:
-                self.mark_unpublished(job_id)
-            self.transition(job_id, JobStatus.QUEUED, reason=reason, fields={"progress": None, "last_error": reason})
-            return JobStatus.QUEUED
+                status = JobStatus.FAILED
+            else:
+                if resend:
+                    self.mark_unpublished(job_id)
+                self.transition(job_id, JobStatus.QUEUED, reason=reason,
+                                fields={"progress": None, "last_error": reason})
+                status = JobStatus.QUEUED
+            if rt.campaign_lock:
+                self.release_campaign_lock(job.campaign_id, rt.campaign_lock)
+            return status
 
     def update(self, job_id: str, *, owner: str | None = None, **fields: Any) -> None:
         if "status" in fields:
@@ -316,7 +321,12 @@ class MemoryJobStore:
     def campaign_pending(self, campaign_id: str) -> list[str]:
         with self._lock:
             active = [j for j in self._jobs.values() if j.campaign_id == campaign_id and j.status in ACTIVE]
-        return [j.id for j in sorted(active, key=lambda j: (self._score(j), j.id))]
+        return [j.id for j in sorted(active, key=lambda j: (self._campaign_score(j), j.id))]
+
+    @staticmethod
+    def _campaign_score(job: Job) -> float:
+        resuming = job.status == JobStatus.QUEUED and job.start_step is not None
+        return campaign_score(job.priority, int(job.metadata.get("seq", 0)), resuming)
 
     def campaign_head(self, campaign_id: str) -> str | None:
         with self._lock:
@@ -372,6 +382,7 @@ class MemoryJobStore:
                 return False
             self._waiting[job_id] = wait
             self._runtime[job_id]["waiting"] = wait
+            self._unpublished.pop(job_id, None)
             return True
 
     def wake_head(self, campaign_id: str) -> str | None:
@@ -469,6 +480,11 @@ class MemoryJobStore:
     def message_counts(self) -> dict[str, int]:
         with self._lock:
             return {q: len(self.messages[q]) for q in PRIORITIES}
+
+    def restore_stranded(self, older_than_s: float) -> list[str]:
+        """Redis-only in substance: a stranded message lives in kombu's ``unacked`` hash
+        (``JobStore.restore_stranded``), and this store has no broker, so nothing is ever stranded here; always []."""
+        return []
 
     def move_message_to_head(self, queue: str, job_id: str) -> bool:
         with self._lock:

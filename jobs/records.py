@@ -24,6 +24,7 @@ class JobRuntime:
         claim: the token of the run that owns the job now; every write of a run carries it (a fencing token).
         stop_request: what an operator (or the queue) asked the running job to do at its next step.
         waiting: why a queued job is parked (campaign order, retry backoff); None when it is not.
+        campaign_lock: the token of the campaign lock the run holds; a takeover releases that lock.
     """
 
     worker: str | None = None
@@ -32,6 +33,7 @@ class JobRuntime:
     claim: str | None = None
     stop_request: StopReason | None = None
     waiting: Wait | None = None
+    campaign_lock: str | None = None
 
 
 @dataclass(frozen=True)

@@ -46,7 +46,9 @@ from jobs.waiting import Wait, WaitKind
 logger = logging.getLogger(__name__)
 
 # kept in the job's hash beside the Job fields, not part of the record
-RUNTIME_FIELDS = ("worker", "heartbeat_at", "retry_at", "claim", "stop_request", "waiting")
+RUNTIME_FIELDS = ("worker", "heartbeat_at", "retry_at", "claim", "stop_request", "waiting", "campaign_lock")
+RESUMING_BAND = 10 * keys.PRIORITY_SCORE_SCALE  # a resuming job sorts before every priority in its campaign
+CAMPAIGN_HEAD_CHUNK = 4  # pending entries read at a time when looking for a campaign's head
 LIVE_STATUSES = (JobStatus.QUEUED, JobStatus.PROCESSING, JobStatus.COMPLETED)  # hold their content (duplicates)
 
 # Socket settings of the clients: a worker must never hang on a half-open connection (it would stop beating).
@@ -73,6 +75,14 @@ def _text(value: bytes | str) -> str:
 def queue_score(priority: str, seq: int) -> float:
     """Where a job sorts among queued ones: priority first, then enqueue order."""
     return PRIORITY_RANK[priority] * keys.PRIORITY_SCORE_SCALE + seq
+
+
+def campaign_score(priority: str, seq: int, resuming: bool) -> float:
+    """Where a job sorts among its campaign's pending jobs. One that has trained already (paused, preempted, retried,
+    taken over after its worker died: ``start_step`` is set) resumes before any other job of its campaign, whatever
+    their priorities: it continues from its own checkpoint, which another job trained in between would turn into a
+    fork of the campaign (that job's training lost from it). Then priority, then enqueue order."""
+    return queue_score(priority, seq) - (RESUMING_BAND if resuming else 0)
 
 
 def history_record(job_id: str, source: JobStatus | None, target: JobStatus, reason: str,
@@ -372,7 +382,7 @@ class JobStore:
                     ops = _Ops()
                     ops("hset", job_key, *_flat_mapping({k: _encode(v) for k, v in changes.items()}))
                     ops("zrem", keys.JOBS_WAITING, job_id)
-                    self._reindex(ops, job, target)
+                    self._reindex(ops, job, target, resuming=changes.get("start_step", job.start_step) is not None)
                     if target == JobStatus.COMPLETED:
                         self._record_speed(ops, job, data.get("worker"), changes)
                     ops("rpush", keys.JOB_HISTORY.format(id=job_id), json.dumps(record, default=str))
@@ -388,7 +398,7 @@ class JobStore:
                     setattr(job, k, v)
             return job
 
-    def _reindex(self, ops: _Ops, job: Job, target: JobStatus) -> None:
+    def _reindex(self, ops: _Ops, job: Job, target: JobStatus, resuming: bool = False) -> None:
         ops("srem", keys.JOBS_BY_STATUS.format(status=job.status.value), job.id)
         ops("sadd", keys.JOBS_BY_STATUS.format(status=target.value), job.id)
         score = repr(queue_score(job.priority, int(job.metadata.get("seq", 0))))
@@ -398,7 +408,9 @@ class JobStore:
             ops("zrem", keys.JOBS_QUEUED, job.id)
         pending = keys.CAMPAIGN_PENDING.format(id=job.campaign_id)
         if target in ACTIVE:
-            ops("zadd", pending, score, job.id)
+            seq = int(job.metadata.get("seq", 0))
+            ops("zadd", pending, repr(campaign_score(job.priority, seq, resuming and target == JobStatus.QUEUED)),
+                job.id)
         else:
             ops("zrem", pending, job.id)
 
@@ -418,8 +430,9 @@ class JobStore:
 
     def claim(self, job_id: str, worker: str, *, token: str | None = None,
               stale_after_s: float = DEFAULT_HEARTBEAT_STALE_S,
-              policy: RetryPolicy | None = None) -> Job | None:
+              policy: RetryPolicy | None = None, lock_token: str | None = None) -> Job | None:
         """Take a queued job for ``worker``: queued → processing, attempts + 1, ``started_at`` now, claim ``token``.
+        ``lock_token`` is the campaign lock the run holds: a takeover of the job releases it.
 
         A job processing under a worker whose heartbeat is older than ``stale_after_s`` is first taken over
         (:meth:`take_over_stale`: requeued, or failed when the retry policy has no attempt left). Returns None when
@@ -434,7 +447,7 @@ class JobStore:
             return self.transition(
                 job_id, JobStatus.PROCESSING, expected={JobStatus.QUEUED}, reason=f"claimed by {worker}",
                 fields={"started_at": utc_now(), "finished_at": None, "worker": worker, "heartbeat_at": self._clock(),
-                        "claim": token or uuid.uuid4().hex, "stop_request": None},
+                        "claim": token or uuid.uuid4().hex, "stop_request": None, "campaign_lock": lock_token},
                 update=lambda j: {"attempts": j.attempts + 1})
         except IllegalTransition:
             return None
@@ -442,7 +455,9 @@ class JobStore:
     def take_over_stale(self, job_id: str, stale_after_s: float, policy: RetryPolicy | None = None,
                         resend: bool = False) -> JobStatus | None:
         """A processing job whose worker has been silent for ``stale_after_s``: back to queued, or failed when its
-        retry policy (``RetryPolicy.for_job`` unless given) says no attempt is left.
+        retry policy (``RetryPolicy.for_job`` unless given) says no attempt is left. The campaign lock the lost run
+        held is released with it: the lease outlives the stale window (so no other job of the campaign can start
+        while the lost one is still processing), and the campaign's next job need not wait for it to lapse.
 
         Args:
             resend: the caller sends the job's message again afterwards: mark it unpublished in the same
@@ -472,14 +487,18 @@ class JobStore:
                 text = f"{reason}; {decision.reason}"
                 self.transition(job_id, JobStatus.FAILED, guard=still_stale, reason=text,
                                 fields={"last_error": text, "finished_at": utc_now(), "progress": None})
-                return JobStatus.FAILED
-            if resend:
-                self.mark_unpublished(job_id)
-            self.transition(job_id, JobStatus.QUEUED, guard=still_stale, reason=reason,
-                            fields={"progress": None, "last_error": reason})
-            return JobStatus.QUEUED
+                status = JobStatus.FAILED
+            else:
+                if resend:
+                    self.mark_unpublished(job_id)
+                self.transition(job_id, JobStatus.QUEUED, guard=still_stale, reason=reason,
+                                fields={"progress": None, "last_error": reason})
+                status = JobStatus.QUEUED
         except IllegalTransition:
             return None
+        if rt.campaign_lock:
+            self.release_campaign_lock(job.campaign_id, rt.campaign_lock)
+        return status
 
     def update(self, job_id: str, *, owner: str | None = None, **fields: Any) -> None:
         """Write non-status fields (``status`` goes through :meth:`transition`).
@@ -602,6 +621,7 @@ class JobStore:
         Atomic with the campaign's state: a campaign wait is refused (False) when the job is, by now, the first
         queued job of its campaign and nobody holds the campaign, so a job can never park just after the wake-up
         meant for it; the caller then tries to start it at once. Also False when the job is no longer queued.
+        Parking clears the job's unpublished mark (set by the delivery that parks it): the wake-up sends its message.
         """
         job_key = keys.JOB.format(id=job_id)
         pending = keys.CAMPAIGN_PENDING.format(id=wait.campaign)
@@ -621,6 +641,7 @@ class JobStore:
                     ops = _Ops()
                     ops("hset", job_key, "waiting", _encode(wait))
                     ops("zadd", keys.JOBS_WAITING, _wake_score(wait), job_id)
+                    ops("zrem", keys.JOBS_UNPUBLISHED, job_id)  # parked: its next message comes with its wake-up
                     pipe.multi()
                     self._checked(pipe, ops)
                     self._run_checked(pipe)
@@ -754,6 +775,43 @@ class JobStore:
             counts = pipe.execute()
         return dict(zip(PRIORITIES, (int(c) for c in counts)))
 
+    def restore_stranded(self, older_than_s: float) -> list[str]:
+        """Put back in its queue the message of every queued job that a worker took more than ``older_than_s`` ago
+        and never acked: kombu keeps a taken message in its ``unacked`` hash until the task ends, and gives it back
+        only after the visibility timeout (days). A delivery of a queued job claims it or sends its message again
+        within seconds, so a message that old was stranded: the broker connection broke between kombu taking it and
+        the task starting (a Redis restart), or the worker died. Messages of processing jobs (their running
+        delivery) are left alone. Returns the ids of the jobs whose message went back, at the head of its queue, as
+        kombu's own restore does."""
+        unacked, unacked_index = celery_key(keys.KOMBU_UNACKED), celery_key(keys.KOMBU_UNACKED_INDEX)
+        tags = self._redis.zrangebyscore(unacked_index, "-inf", self._clock() - older_than_s)
+        if not tags:
+            return []
+        entries = [json.loads(raw) if raw else None for raw in self._redis.hmget(unacked, tags)]
+        candidates = [(tag, entry) for tag, entry in zip(tags, entries) if entry and _message_job(entry[0])]
+        with self._redis.pipeline(transaction=False) as pipe:
+            for _tag, entry in candidates:
+                pipe.hget(keys.JOB.format(id=_message_job(entry[0])), "status")
+            statuses = pipe.execute()
+        restored = []
+        for (tag, entry), status in zip(candidates, statuses):
+            if status is None or json.loads(status) != JobStatus.QUEUED.value or entry[2] not in PRIORITIES:
+                continue
+            with self._redis.pipeline() as pipe:
+                try:
+                    pipe.watch(unacked)  # a late ack or kombu's own restore wins
+                    if pipe.hget(unacked, tag) is None:
+                        continue
+                    pipe.multi()
+                    pipe.rpush(celery_key(entry[2]), json.dumps(entry[0]))
+                    pipe.hdel(unacked, tag)
+                    pipe.zrem(unacked_index, tag)
+                    pipe.execute()
+                    restored.append(_message_job(entry[0]))
+                except redis.WatchError:
+                    continue
+        return restored
+
     def move_message_to_head(self, queue: str, job_id: str) -> bool:
         """Put the waiting message of ``job_id`` before every other of ``queue``; False when it is not there."""
         raw = f'"id": "{job_id}"'
@@ -811,6 +869,13 @@ class JobStore:
 # ------------------------------------------------------------------------------------------------ helpers
 
 
+def _message_job(message: dict) -> str | None:
+    """The job id of a Celery message (its task id), or None for something else."""
+    headers = message.get("headers") if isinstance(message, dict) else None
+    job_id = headers.get("id") if isinstance(headers, dict) else None
+    return job_id if isinstance(job_id, str) else None
+
+
 def _flat_mapping(mapping: dict[str, str]) -> list[str]:
     return [x for pair in mapping.items() for x in pair]
 
@@ -826,17 +891,26 @@ def _runtime_of(decoded: dict[str, Any]) -> JobRuntime:
     return JobRuntime(worker=decoded.get("worker"), heartbeat_at=decoded.get("heartbeat_at"),
                       retry_at=decoded.get("retry_at"), claim=decoded.get("claim"),
                       stop_request=StopReason(stop) if stop else None,
-                      waiting=Wait.from_dict(decoded.get("waiting")))
+                      waiting=Wait.from_dict(decoded.get("waiting")), campaign_lock=decoded.get("campaign_lock"))
 
 
 def _campaign_head(client, campaign_id: str) -> str | None:
-    """The first queued job of a campaign, read with ``client`` (the store's, or a pipeline in WATCH mode)."""
-    ids = [_text(i) for i in client.zrange(keys.CAMPAIGN_PENDING.format(id=campaign_id), 0, -1)]
-    for job_id in ids:
-        status = client.hget(keys.JOB.format(id=job_id), "status")
-        if status and json.loads(status) == JobStatus.QUEUED.value:
-            return job_id
-    return None
+    """The first queued job of a campaign, read with ``client`` (the store's, or a pipeline in WATCH mode).
+
+    The pending set is read a few entries at a time and the statuses one by one up to the first queued job: it holds
+    at most one processing job before its head, so this costs about three commands however long the campaign's
+    backlog (every delivery asks it; reading the whole set cost one command and the backlog's ids in bytes)."""
+    key = keys.CAMPAIGN_PENDING.format(id=campaign_id)
+    start = 0
+    while True:
+        ids = [_text(i) for i in client.zrange(key, start, start + CAMPAIGN_HEAD_CHUNK - 1)]
+        for job_id in ids:
+            status = client.hget(keys.JOB.format(id=job_id), "status")
+            if status and json.loads(status) == JobStatus.QUEUED.value:
+                return job_id
+        if len(ids) < CAMPAIGN_HEAD_CHUNK:
+            return None
+        start += CAMPAIGN_HEAD_CHUNK
 
 
 def _wake_score(wait: Wait) -> str:

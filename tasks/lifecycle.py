@@ -191,9 +191,17 @@ class JobRunner:
         # A job may start only when it is the first queued job of its campaign and it holds the campaign lock;
         # otherwise it is parked in the store (jobs/waiting.py) and its message is dropped: the run that frees the
         # campaign (or the sweep) sends it again, so the worker takes other jobs meanwhile and nothing spins.
-        # The lease matches the heartbeat window: a worker silent that long loses its job and its lock together.
+        if job.status == JobStatus.QUEUED:
+            # This delivery holds the job's only message, and it is acked when the task ends, even when it fails
+            # (Redis killed mid-way): until the job is claimed or parked, it is marked unpublished, so the sweep
+            # sends it again if neither happens (this worker killed, Redis killed).
+            self.store.mark_unpublished(job_id)
+        # The lease outlives the heartbeat window by a sweep round: a worker silent for the window loses its job to
+        # the sweep, which releases the lock with it; had the lease lapsed first, the campaign's next job could
+        # start while the lost one is still processing, and both would train from the same campaign step.
         lock = CampaignLock(self.store, job.campaign_id, holder=f"{self.worker_name}:{job_id}",
-                            lease_s=self.settings.heartbeat_stale_s)
+                            lease_s=self.settings.heartbeat_stale_s
+                            + max(self.settings.heartbeat_stale_s, self.settings.sweep_interval_s))
         for _ in range(PARK_TRIES):
             wait = self._wait_of(job)
             if wait is None:
@@ -202,11 +210,12 @@ class JobRunner:
                 if job.status == JobStatus.PROCESSING:  # a second copy of a running job's message
                     return Outcome(OutcomeKind.DROPPED, f"running under {lock.holder()}")
                 wait = Wait.for_campaign(job.campaign_id, _job_of_holder(lock.holder()), now=time.time())
-            if self.store.park(job.id, wait):
+            if self.store.park(job.id, wait):  # clears the unpublished mark with the wait
                 logger.info("job %s: waiting, %s", job.id, wait.describe())
                 return Outcome(OutcomeKind.WAITING, wait.describe(), wait=wait)
             job = self.store.get(job_id)  # its turn came while it was being parked: look again
             if job.status not in (JobStatus.QUEUED, JobStatus.PROCESSING):
+                self.store.mark_published([job_id])
                 return Outcome(OutcomeKind.DROPPED, f"job is {job.status.value}")
         else:
             return self._defer(job, republish, "its campaign changed hands while it was being parked")
@@ -214,7 +223,8 @@ class JobRunner:
             token = uuid.uuid4().hex
             claimed = self.store.claim(job_id, self.worker_name, token=token,
                                        stale_after_s=self.settings.heartbeat_stale_s,
-                                       policy=RetryPolicy.for_job(job))
+                                       policy=RetryPolicy.for_job(job), lock_token=lock.token)
+            self.store.mark_published([job_id])  # processing (a lost run is the sweep's), or not this delivery's
             if claimed is None:
                 return Outcome(OutcomeKind.DROPPED, "already running elsewhere or finished")
             return self._train(claimed, token, lock, republish)
@@ -234,10 +244,10 @@ class JobRunner:
         retry_at = self.store.runtime(job.id).retry_at
         if retry_at and retry_at > now:
             return Wait.for_backoff(job.campaign_id, retry_at, now=now)
-        pending = self.store.campaign_pending(job.campaign_id)
         head = self.store.campaign_head(job.campaign_id)
         if head in (None, job.id):
             return None
+        pending = self.store.campaign_pending(job.campaign_id)  # only a job that waits reads its campaign's backlog
         ahead = pending[:pending.index(job.id)] if job.id in pending else [head]
         return Wait.for_campaign(job.campaign_id, ahead[-1] if ahead else head, now=now)
 
@@ -255,9 +265,22 @@ class JobRunner:
 
     def _defer(self, job: Job, republish: Publisher, why: str, delay_s: float = DEFAULT_DEFER_DELAY_S) -> Outcome:
         """The last resort when parking keeps failing: back to its queue after a short pause."""
-        time.sleep(max(delay_s, 0.0))
-        republish(job.id, job.priority)
+        self._resend(job, republish, before=lambda: time.sleep(max(delay_s, 0.0)))
         return Outcome(OutcomeKind.DEFERRED, why)
+
+    def _resend(self, job: Job, republish: Publisher, before=None, at_head: bool = False) -> None:
+        """Run ``before`` (a pause, the transition back to queued), then send the job's message again.
+
+        The delivery being handled is acked when the task ends, even when it fails: from here until the new message
+        is out, the job has none. It is marked unpublished first (again, for a deferral), so if the send (or
+        ``before``) fails, say Redis was killed meanwhile, the sweep sends it later instead of the job waiting forever
+        in ``queued``.
+        """
+        self.store.mark_unpublished(job.id)
+        if before is not None:
+            before()
+        republish(job.id, job.priority, at_head=at_head)
+        self.store.mark_published([job.id])
 
     def _train(self, job: Job, token: str, lock: CampaignLock, republish: Publisher) -> Outcome:
         from engine.errors import DatasetInvalid
@@ -458,9 +481,9 @@ class JobRunner:
         fields = {**fields, "finished_at": None}
 
         def requeue():
-            self.store.transition(job.id, JobStatus.QUEUED, owner=token, reason=reason, fields=fields,
-                                  update=lambda j: {"attempts": max(j.attempts - 1, 0)})
-            republish(job.id, job.priority, at_head=True)
+            self._resend(job, republish, at_head=True, before=lambda: self.store.transition(
+                job.id, JobStatus.QUEUED, owner=token, reason=reason, fields=fields,
+                update=lambda j: {"attempts": max(j.attempts - 1, 0)}))
 
         return self._end(job, requeue, Outcome(OutcomeKind.REQUEUED, reason))
 
@@ -480,10 +503,10 @@ class JobRunner:
         """Requeue after a transient failure, not to start before ``delay_s`` (the policy's backoff)."""
 
         def requeue():
-            self.store.transition(job.id, JobStatus.QUEUED, owner=token,
-                                  reason=f"attempt {job.attempts} failed ({text[:300]}); retry in {delay_s:.0f} s",
-                                  fields={"last_error": text, "progress": None, "retry_at": time.time() + delay_s})
-            republish(job.id, job.priority)
+            self._resend(job, republish, before=lambda: self.store.transition(
+                job.id, JobStatus.QUEUED, owner=token,
+                reason=f"attempt {job.attempts} failed ({text[:300]}); retry in {delay_s:.0f} s",
+                fields={"last_error": text, "progress": None, "retry_at": time.time() + delay_s}))
 
         return self._end(job, requeue, Outcome(OutcomeKind.REQUEUED, f"transient: {text}"))
 

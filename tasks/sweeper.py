@@ -7,6 +7,12 @@ the sweep notices within ``GUILD_HEARTBEAT_STALE_S`` instead and takes the job o
 then sends its message again. The claim in the job store makes sure that, whichever message arrives, a job never
 runs twice at once.
 
+Two more ways a queued job can be left without a message, both repaired here: a delivery that died before claiming
+or parking its job, or before sending its message again (the worker marks the job unpublished until then: sent
+again), and a message kombu took for a worker that never ran it (the broker connection broke in between): it waits
+in kombu's ``unacked`` hash for the visibility timeout, so the sweep puts it back in its queue
+(``JobStore.restore_stranded``).
+
 Parked jobs (jobs/waiting.py) get their message back here too: a job whose retry backoff is over (checked about
 once a second, :func:`release_due`), and, once per sweep, the first queued job of every campaign that has parked
 jobs and that nobody holds (a cancelled head, a dead worker's lease that ran out: anything the run that frees a
@@ -30,17 +36,23 @@ WAKE_POLL_S = 1.0  # how often a worker looks for parked jobs whose backoff is o
 def sweep_once(store, stale_after_s: float, republish: Publisher) -> list[str]:
     """Take over every processing job with a stale heartbeat (and resend lost messages). Returns their ids."""
     recovered = []
-    # An enqueue that died between a job's record and its message (Redis or the CLI killed) left it queued with
-    # no message: send it. If the message did go out, the duplicate is harmless (the claim is atomic).
+    # An enqueue that died between a job's record and its message (Redis or the CLI killed), or a delivery that died
+    # before claiming its job or sending its message again (Redis or the worker killed), left it queued with no
+    # message: send it. If the message did go out, the duplicate is harmless (the claim is atomic).
     for job_id in store.unpublished(stale_after_s):
         try:
             job = store.get(job_id)
             if job.status == JobStatus.QUEUED:
-                logger.warning("sweep: job %s was enqueued without its message; sending it", job_id)
+                logger.warning("sweep: job %s is queued without a message (its enqueue or a delivery died before "
+                               "sending it); sending it", job_id)
                 republish(job_id, job.priority)
         except GuildError:  # rolled back since
             pass
         store.mark_published([job_id])
+    # A message a worker took but neither ran nor acked (the broker connection broke in between, or the worker died)
+    # waits in kombu's unacked hash for the visibility timeout (days): put it back in its queue.
+    for job_id in store.restore_stranded(stale_after_s):
+        logger.warning("sweep: the message of job %s was stranded in a dead delivery; back in its queue", job_id)
     for job_id in store.stale_processing(stale_after_s):
         try:
             status = store.take_over_stale(job_id, stale_after_s, resend=True)

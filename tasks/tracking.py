@@ -1,13 +1,19 @@
-"""Per-campaign TensorBoard logs, through accelerate's TensorBoard tracker.
+"""Per-campaign TensorBoard logs, written with TensorBoard's own event writer (no torch).
 
 Event files live in ``$GUILD_HOME/campaigns/<hero>/<campaign>/tensorboard/<job>/``, scalars indexed by the
 campaign's global step, so ``tensorboard --logdir $GUILD_HOME/campaigns`` shows each campaign as one run.
+
+The writer is ``tensorboard.summary.writer.event_file_writer.EventFileWriter`` (what ``torch.utils.tensorboard``
+wraps), not accelerate's tracker: that one imports torch, so a worker training with a torch-free engine
+(``GUILD_ENGINE_FACTORY``, e.g. the stand-in of the fleet benchmark) would load torch in every worker process
+(about 5 s and 250 MB each) only to log scalars.
 """
 
 from __future__ import annotations
 
 import logging
 import re
+import time
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
@@ -17,31 +23,35 @@ class CampaignTracker:
     """Logs one job's scalars; every failure is logged and ignored (monitoring never stops training)."""
 
     def __init__(self, campaign_dir: Path, job_id: str):
-        self._tracker = None
+        self._writer = None
         try:
-            from accelerate.tracking import TensorBoardTracker
+            from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
             run_name = re.sub(r"[^\w.-]", "_", job_id)  # job ids are already safe; old ones had colons
-            self._tracker = TensorBoardTracker(run_name, str(campaign_dir / "tensorboard"))
-            start = getattr(self._tracker, "start", None)
-            if callable(start) and getattr(self._tracker, "writer", None) is None:
-                start()
+            self._writer = EventFileWriter(str(Path(campaign_dir) / "tensorboard" / run_name))
         except Exception as exc:  # noqa: BLE001
             logger.warning("TensorBoard logging off: %s", exc)
-            self._tracker = None
 
     def log(self, values: dict, step: int) -> None:
-        if self._tracker is None:
+        """One event per call: every numeric value of ``values`` as a scalar at ``step`` (None values skipped)."""
+        if self._writer is None:
             return
         try:
-            self._tracker.log({k: v for k, v in values.items() if v is not None}, step=step)
+            from tensorboard.compat.proto.event_pb2 import Event
+            from tensorboard.compat.proto.summary_pb2 import Summary
+
+            scalars = [Summary.Value(tag=k, simple_value=float(v)) for k, v in values.items()
+                       if isinstance(v, (int, float)) and not isinstance(v, bool)]
+            if scalars:
+                self._writer.add_event(Event(wall_time=time.time(), step=int(step), summary=Summary(value=scalars)))
         except Exception as exc:  # noqa: BLE001
             logger.warning("TensorBoard log failed: %s", exc)
-            self._tracker = None
+            self._writer = None
 
     def close(self) -> None:
-        if self._tracker is not None:
+        if self._writer is not None:
             try:
-                self._tracker.finish()
+                self._writer.close()
             except Exception:  # noqa: BLE001
                 pass
+            self._writer = None

@@ -6,9 +6,10 @@ import logging
 import threading
 import time
 
-from celery.exceptions import Ignore
+from celery.exceptions import Ignore, Reject
 
 from config.settings import get_settings
+from jobs.retry import FailureKind, RetryPolicy
 from jobs.store import JobStore
 from tasks.app import app
 from tasks.lifecycle import JobRunner, Outcome, OutcomeKind
@@ -104,6 +105,14 @@ def train_job(self, job_id: str) -> dict:
     events = _ProgressEvents(self)
     try:
         outcome = runner.run(job_id, republish=CeleryPublisher(app, runner.store), emit=events.emit)
+    except Exception as exc:
+        if RetryPolicy.classify(exc) is not FailureKind.TRANSIENT:
+            raise
+        # Redis (broker and job store) broke while this delivery ran. Acked, as a failed task is, the message could
+        # be the job's only one: give it back instead. kombu puts it back in its queue now, or, if Redis is still
+        # away, it stays in kombu's unacked hash and the sweep puts it back. A second delivery is always harmless.
+        logger.warning("job %s: this delivery broke on %s; giving its message back", job_id, exc)
+        raise Reject(str(exc), requeue=True) from exc
     finally:
         events.close()
     logger.info("job %s: %s %s", job_id, outcome.action, outcome.detail)

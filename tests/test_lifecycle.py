@@ -17,7 +17,7 @@ import redis
 from campaigns.campaign import CampaignStore
 from config.settings import Settings
 from jobs.cli_format import job_view
-from jobs.job import JobStatus
+from jobs.job import JobStatus, StopReason
 from jobs.memory_store import MemoryJobStore
 from jobs.submit import SubmitRequest, submit
 from tasks.engines import StandInEngine
@@ -251,6 +251,7 @@ def test_a_job_completes_and_advances_its_campaign(settings, store, home):
     assert campaign.current_step == 4 and campaign.latest_checkpoint == job.metadata["checkpoint"]
     assert campaign.latest_checkpoint.endswith("step-00004") and campaign.job_ids == [job_id]
     assert [h["to"] for h in store.history(job_id)] == ["queued", "processing", "completed"]
+    assert store.unpublished(0) == []  # nothing for the sweep to send
 
 
 class ReportingEngine(Engine):
@@ -444,3 +445,119 @@ def test_a_store_outage_mid_job_costs_nothing(settings, store):
     assert flaky.failed == 10, "the outage did not happen while the job ran"
     assert outcome.action is OutcomeKind.COMPLETED and job.attempts == 1 and job.final_step == 150
     assert [h["to"] for h in store.history(job_id)] == ["queued", "processing", "completed"]
+
+
+class BrokerDown(Publisher):
+    def __call__(self, job_id, priority, at_head=False):
+        raise redis.ConnectionError("Error 111 connecting to 127.0.0.1:6379. Connection refused.")
+
+
+def test_a_step_aside_whose_message_cannot_be_sent_is_sent_by_the_sweep(settings, store, clock):
+    """The delivery being handled is acked even when the task fails: a step aside whose new message cannot go out
+    (Redis killed meanwhile) must not leave the job queued with no message, forever. The fleet benchmark lost 11 jobs
+    (4 of them their campaign's next, so 4 campaigns stalled) to a Redis kill -9 this way."""
+    job_id = _enqueue(settings, store, sets={"max_steps": "200"})
+    engine = Engine(steps_s=0.005, on_step=lambda step: store.request_stop(job_id, StopReason.PAUSE))
+    runner = _runner(settings, store, engine, beat_s=0.01)
+    runner.run(job_id, BrokerDown())  # the crash handler finds the job already back in the queue
+    assert store.get(job_id).status is JobStatus.QUEUED
+    assert store.unpublished(0) == [job_id]
+    resent = Publisher()
+    assert sweep_once(store, settings.heartbeat_stale_s, resent) == [] and resent.sent == []  # not stale yet
+    clock.now += settings.heartbeat_stale_s
+    sweep_once(store, settings.heartbeat_stale_s, resent)
+    assert resent.sent == [(job_id, "normal", False)] and store.unpublished(0) == []
+
+
+class ClaimDown:
+    """The memory store, whose claim fails like a Redis killed between a worker taking a message and claiming."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def claim(self, *args, **kwargs):
+        raise redis.ConnectionError("Connection closed by server.")
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def test_a_delivery_that_dies_before_its_claim_leaves_the_job_to_the_sweep(settings, store, clock):
+    job_id = _enqueue(settings, store)
+    with pytest.raises(redis.ConnectionError):
+        _runner(settings, ClaimDown(store), Engine()).run(job_id, Publisher())
+    assert store.get(job_id).status is JobStatus.QUEUED and store.unpublished(0) == [job_id]
+    clock.now += settings.heartbeat_stale_s
+    resent = Publisher()
+    sweep_once(store, settings.heartbeat_stale_s, resent)
+    assert resent.sent == [(job_id, "normal", False)]
+    assert _runner(settings, store, Engine()).run(job_id, Publisher()).action is OutcomeKind.COMPLETED
+    assert store.unpublished(0) == []
+
+
+def test_a_parked_delivery_leaves_nothing_to_resend(settings, store):
+    """Every delivery of a queued job marks it unpublished until it is claimed or parked: parking clears the mark
+    with the wait (the job gets its next message when woken), so the sweep sends nothing."""
+    _enqueue(settings, store)
+    second = _enqueue(settings, store, path=EXAMPLES / "messages.jsonl")
+    sent = Publisher()
+    assert _runner(settings, store, Engine()).run(second, sent).action is OutcomeKind.WAITING
+    assert sent.sent == [] and store.unpublished(0) == [] and list(store.waiting()) == [second]
+
+
+def test_a_lost_workers_campaign_stays_locked_until_the_sweep_takes_its_job_over(settings, store, clock, home):
+    """A worker dies mid-job (its job stays processing until a sweep sees its stale heartbeat). The campaign's next
+    job must not start in between: both would train from the same campaign step, and the lost job, resumed later,
+    would overwrite the next one's progress (the fleet benchmark found 3 campaigns 10 steps short this way)."""
+    from campaigns.lock import CampaignLock
+
+    first = _enqueue(settings, store, sets={"max_steps": "4"})
+    second = _enqueue(settings, store, path=EXAMPLES / "messages.jsonl", sets={"max_steps": "4"})
+    runner = _runner(settings, store, Engine())
+    campaign = store.get(first).campaign_id
+    # what a worker that took the first job and was then killed leaves behind: the claim and the campaign lock
+    dead = CampaignLock(store, campaign, holder=f"gpu9@t:{first}", lease_s=runner_lease(settings))
+    assert dead.acquire() and store.claim(first, "gpu9@t", lock_token=dead.token) is not None
+    clock.now += settings.heartbeat_stale_s + 1  # its heartbeat is stale: no sweep has run yet
+    waiting = runner.run(second, Publisher())  # the campaign is still held
+    assert waiting.action is OutcomeKind.WAITING and waiting.wait.after == first
+    swept = Publisher()
+    assert sweep_once(store, settings.heartbeat_stale_s, swept) == [first]  # taken over, its lock released
+    assert store.campaign_lock_holder(campaign) is None
+    assert swept.sent == [(first, "normal", False)]  # the lost job goes first: the parked one stays parked
+    assert list(store.waiting()) == [second]
+    woken = Publisher()
+    assert runner.run(first, woken).action is OutcomeKind.COMPLETED
+    assert woken.sent == [(second, "normal", True)]  # the end of the run wakes the campaign's next job
+    assert runner.run(second, Publisher()).action is OutcomeKind.COMPLETED
+    assert CampaignStore(home).get(campaign).current_step == 8
+    assert (store.get(first).start_step, store.get(second).start_step) == (0, 4)
+
+
+def runner_lease(settings) -> float:
+    return settings.heartbeat_stale_s + max(settings.heartbeat_stale_s, settings.sweep_interval_s)
+
+
+def test_a_job_that_stepped_aside_resumes_before_a_higher_job_of_its_campaign(settings, store, home):
+    """A low job is paused at step 4 while a high job of its campaign arrives. The low job must finish first: it
+    resumes from its own checkpoint, and had the high job trained in between, that checkpoint would be a fork of
+    the campaign and the high job's training lost from it (campaign step 10 instead of 20)."""
+    low = _enqueue(settings, store, priority="low", sets={"max_steps": "10", "save_steps": "2"})
+    high = {}
+
+    def arrive_and_pause(step):
+        if step == 4 and not high:
+            high["id"] = _enqueue(settings, store, path=EXAMPLES / "messages.jsonl", priority="high",
+                                  sets={"max_steps": "10"})
+            store.request_stop(low, StopReason.PAUSE)
+
+    runner = _runner(settings, store, Engine(steps_s=0.02, on_step=arrive_and_pause), beat_s=0.01)
+    assert runner.run(low, Publisher()).action is OutcomeKind.REQUEUED
+    store.clear_stop(low)
+    campaign = store.get(low).campaign_id
+    assert store.campaign_head(campaign) == low  # not the high job
+    assert runner.run(high["id"], Publisher()).wait.after == low  # parked behind the low job
+    assert runner.run(low, Publisher()).action is OutcomeKind.COMPLETED
+    assert runner.run(high["id"], Publisher()).action is OutcomeKind.COMPLETED
+    assert (store.get(low).final_step, store.get(high["id"]).start_step) == (10, 10)
+    assert CampaignStore(home).get(campaign).current_step == 20
