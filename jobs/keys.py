@@ -22,6 +22,7 @@ CONTROL_PAUSED = PREFIX + "control:paused"      # set of paused worker names
 WORKERS = PREFIX + "workers"                    # hash: worker name → epoch seconds of its last sign of life
 SPEEDS = PREFIX + "speeds:{hero}:{kind}"        # list of JSON speed samples of completed jobs, newest first
 DEAD_LETTERS = PREFIX + "dead-letters"          # list of JSON records of messages no worker could run
+SWEEP_TURN = PREFIX + "sweep:turn"              # string: the worker whose sweep runs this interval, with a lease (PX)
 
 # kombu's (Celery's Redis transport's) own keys in the same Redis, read by the store to recover stranded messages.
 # kombu adds its global_keyprefix (jobs.queues.CELERY_PREFIX) to them: the store names them in full.
@@ -49,5 +50,6 @@ TYPES = {
     CONTROL_PAUSED: "set",
     WORKERS: "hash",
     DEAD_LETTERS: "list",
+    SWEEP_TURN: "string",
     SPEEDS.format(hero="*", kind="*"): "list",
 }

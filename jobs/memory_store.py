@@ -44,6 +44,7 @@ class MemoryJobStore:
     def __init__(self, guild_home: Path | None = None, clock: Callable[[], float] = time.time):
         self.history_log = JobHistoryLog(guild_home) if guild_home is not None else None
         self._clock = clock
+        self._sweep_turn_until = float("-inf")
         self._lock = threading.RLock()
         self._jobs: dict[str, Job] = {}
         self._runtime: dict[str, dict[str, Any]] = {}
@@ -418,6 +419,13 @@ class MemoryJobStore:
             return {i: self._waiting[i] for i in ids if i in self._waiting}
 
     # ------------------------------------------------------------------------------------ workers and pausing
+
+    def take_sweep_turn(self, name: str, interval_s: float) -> bool:
+        with self._lock:
+            if self._clock() < self._sweep_turn_until:
+                return False
+            self._sweep_turn_until = self._clock() + interval_s
+            return True
 
     def worker_seen(self, name: str) -> None:
         with self._lock:

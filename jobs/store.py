@@ -705,6 +705,11 @@ class JobStore:
 
     # ------------------------------------------------------------------------------------ workers and pausing
 
+    def take_sweep_turn(self, name: str, interval_s: float) -> bool:
+        """True for one caller per ``interval_s`` across the fleet: the worker whose sweep runs now. The fleet-wide
+        passes (stale jobs, lost messages, parked campaigns) then cost one sweep per interval, not one per worker."""
+        return bool(self._redis.set(keys.SWEEP_TURN, name, nx=True, px=max(1, int(interval_s * 1000))))
+
     def worker_seen(self, name: str) -> None:
         """``name`` showed a sign of life now (its sweep)."""
         self._redis.hset(keys.WORKERS, name, self._clock())

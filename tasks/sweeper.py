@@ -1,4 +1,8 @@
-"""Recovering jobs whose worker died: every worker sweeps for processing jobs without a fresh heartbeat.
+"""Recovering jobs whose worker died: the fleet sweeps for processing jobs without a fresh heartbeat.
+
+Every worker runs a :class:`Sweeper`; each interval one of them (the first to take the store's sweep turn,
+``JobStore.take_sweep_turn``) runs :func:`sweep_once` for the whole fleet, so its cost does not grow with the number
+of workers; a dead sweeper's turn lapses with the interval and another worker takes the next one.
 
 A worker killed with SIGKILL (or a machine that vanished) leaves its job ``processing``. Kombu would
 redeliver the unacked message only after the visibility timeout (hours, so long jobs are not run twice);
@@ -90,8 +94,9 @@ def _send(store, republish: Publisher, job_id: str | None, why: str) -> None:
 
 
 class Sweeper(threading.Thread):
-    """Runs :func:`sweep_once` every ``interval_s`` in the worker's main process, and registers the worker as alive
-    (for preemption and ``doctor``)."""
+    """Registers the worker as alive every ``interval_s`` (for preemption and ``doctor``) and runs :func:`sweep_once`
+    when this interval's sweep turn is its own, in the worker's main process; releases due backoffs about once a
+    second in between."""
 
     def __init__(self, store, stale_after_s: float, interval_s: float, republish: Publisher, worker_name: str = ""):
         super().__init__(daemon=True, name="guild-sweeper")
@@ -104,8 +109,9 @@ class Sweeper(threading.Thread):
             try:
                 if self.worker_name:
                     self.store.worker_seen(self.worker_name)
-                for job_id in sweep_once(self.store, self.stale_after_s, self.republish):
-                    logger.warning("recovered job %s from a lost worker", job_id)
+                if self.store.take_sweep_turn(self.worker_name or "sweeper", self.interval_s):
+                    for job_id in sweep_once(self.store, self.stale_after_s, self.republish):
+                        logger.warning("recovered job %s from a lost worker", job_id)
             except Exception as exc:  # noqa: BLE001 - Redis down: sweep again next time
                 logger.warning("sweep skipped: %s", exc)
             if self._wait_releasing_due():

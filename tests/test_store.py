@@ -3,6 +3,7 @@
 
 import inspect
 import json
+import time
 
 import pytest
 
@@ -439,3 +440,11 @@ def test_a_message_stranded_in_a_dead_delivery_goes_back_to_its_queue(store, red
     assert sorted(k.decode() for k in redis_client.hkeys(unacked)) == sorted(tags[1:])
     assert redis_client.zscore(index, tags[0]) is None
     assert store.restore_stranded(60) == []  # once
+
+
+def test_one_sweep_turn_per_interval_across_the_fleet(any_store):
+    assert any_store.take_sweep_turn("gpu0@a", 0.3)
+    assert not any_store.take_sweep_turn("gpu1@b", 0.3) and not any_store.take_sweep_turn("gpu0@a", 0.3)
+    any_store.clock.now += 0.4
+    time.sleep(0.4)  # the Redis lease runs on the server's clock
+    assert any_store.take_sweep_turn("gpu1@b", 0.3)

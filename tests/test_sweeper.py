@@ -36,3 +36,32 @@ def test_sweep_requeues_stale_jobs_fails_exhausted_ones_and_resends_lost_message
     assert store.get("live").status is JobStatus.PROCESSING
     assert store.unpublished(0) == []
     assert sweep_once(store, 60, lambda *a, **k: sent.append(a)) == [] and len(sent) == 2
+
+
+def test_of_several_workers_one_sweeps_each_interval_and_every_one_is_seen(tmp_path, monkeypatch):
+    import threading
+    import time
+
+    import tasks.sweeper as sweeper
+
+    store = MemoryJobStore(tmp_path)
+    sweeps, lock = [], threading.Lock()
+
+    def counted(*args):
+        with lock:
+            sweeps.append(time.monotonic())
+        return []
+
+    monkeypatch.setattr(sweeper, "sweep_once", counted)
+    threads = [sweeper.Sweeper(store, 60, 0.5, lambda *a, **k: None, worker_name=f"gpu{i}@h") for i in range(4)]
+    started = time.monotonic()
+    for thread in threads:
+        thread.start()
+    time.sleep(1.2)
+    for thread in threads:
+        thread.stop()
+    for thread in threads:
+        thread.join(5)
+    elapsed = time.monotonic() - started
+    assert set(store.workers()) == {f"gpu{i}@h" for i in range(4)}
+    assert 1 <= len(sweeps) <= int(elapsed / 0.5) + 1  # four workers, about one sweep per interval in all
