@@ -4,10 +4,15 @@ The engine knows nothing of queues. It takes a dataset, a resolved config, a pro
 trains from a model directory or a checkpoint, writes checkpoints into a directory, and returns what happened.
 One engine per worker process: it keeps the last model and optimizer in memory, so the next job of the same
 campaign, which resumes from the checkpoint this engine just wrote, starts without reloading anything.
+
+Given a ``world`` (one rank of a gang, :mod:`engine.ranks`), the same loop trains data-parallel: the seams are in
+:mod:`engine.data_parallel` (which rows a rank takes, the loss over the global step, gradient exchange, checkpoints
+written by rank 0); without one, none of it runs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -29,12 +34,14 @@ from engine.attention import AttentionPath, choose_path, install, layout_for
 from engine.batches import DataOrder, job_steps
 from engine.chat_turns import ChatOptions
 from engine.checkpoint import (
+    checkpoint_name,
     load_optimizer_state,
     read_checkpoint_state,
     remove_stale_temp_dirs,
     restore_rng,
     save_checkpoint,
 )
+from engine.data_parallel import DataParallel, StepCounts, World, seed_rank
 from engine.dataset import PreparedDataset, prepare_dataset
 from engine.errors import DatasetInvalid, ModelLoadError
 from engine.formats import DatasetError, Example, read_examples
@@ -79,6 +86,7 @@ class TrainerEngine:
         self._model_path: str | None = None
         self._warm_checkpoint: Path | None = None
         self._loss_fn = loss_sum
+        self._parallel: DataParallel | None = None  # with a world: the warm model's DDP/FSDP wrapper
 
     # ------------------------------------------------------------------------------------------------ data
 
@@ -182,6 +190,7 @@ class TrainerEngine:
         run_id: str = "run",
         enable_packing: bool | None = None,
         chat: ChatOptions | None = None,
+        world: World | None = None,
     ) -> TrainingResult:
         """Train one job and return its result.
 
@@ -202,6 +211,8 @@ class TrainerEngine:
             enable_packing: the final packing switch when not None (the caller resolves ``ENABLE_PACKING``);
                 otherwise ``config.data.enable_packing``.
             chat: the hero's chat options, see :meth:`prepare`.
+            world: this process's rank in a data-parallel gang (:mod:`engine.ranks` runs it); every rank calls
+                run_job with the same arguments. None: one process, as always.
 
         Returns:
             The result; status "completed", "stopped" or "failed" (non-finite loss). ``warnings`` lists what the
@@ -215,18 +226,25 @@ class TrainerEngine:
                 examples see each other.
         """
         entered = time.perf_counter()
-        config = for_ranks(config, 1)  # config.batching: a global batch becomes this one rank's accumulation
+        ranks = world.size if world is not None else 1
+        given = config  # what checkpoints record: the job's config, the same at any width
+        config = for_ranks(config, ranks)  # config.batching: a global batch becomes this rank's accumulation
         hp = config.hyperparams
         checkpoint_dir = Path(checkpoint_dir)
 
         # ---- data: prepared ahead by prepare(), or now --------------------------------------------------------
         data = self.prepare(dataset, config, model_path=model_path, enable_packing=enable_packing, chat=chat)
         order = DataOrder(len(data.rows), hp.batch_size, hp.seed, shuffle=config.data.shuffle)
-        ga = hp.gradient_accumulation_steps
+        ga = hp.gradient_accumulation_steps  # micro-batches of one step on this rank
+        step_micro = ga * ranks  # ... and over all ranks: what a step consumes, whatever the width
+        first_micro = world.rank * ga if world is not None else 0
+        counts = StepCounts(data.rows, data.train) if world is not None else None
+        step_counts: dict[int, tuple[int, int]] = {}  # job step -> (tokens, loss tokens) over all ranks
 
         # ---- where this job starts: a fresh campaign, a campaign continued, or this job resumed ----------------
         checkpoint_dir.mkdir(parents=True, exist_ok=True)
-        remove_stale_temp_dirs(checkpoint_dir)
+        if world is None or world.is_main:
+            remove_stale_temp_dirs(checkpoint_dir)
         resumed = read_checkpoint_state(resume_from) if resume_from is not None else None
         global_step = resumed["global_step"] if resumed else 0
         job_step, job_start, loss_history, val_history = 0, global_step, [], []
@@ -242,12 +260,12 @@ class TrainerEngine:
                     run_id,
                     resume_from,
                 )
-        end_step = job_start + job_steps(order, hp)
+        end_step = job_start + job_steps(order, hp, step_micro)
         warnings = schedule_warnings(hp, global_step, end_step)
         warnings += determinism.configure(hp.deterministic, self.device)
 
         # ---- model, optimizer, attention and loss kernels: warm from the last job, or loaded -------------------
-        model, optimizer = self._load(model_path, resume_from, config)
+        model, optimizer = self._load(model_path, resume_from, config, world)
         tokenizer = self._tokenizer(str(model_path))
         path = choose_path(
             hp.attention,
@@ -279,6 +297,8 @@ class TrainerEngine:
         else:
             torch.manual_seed(hp.seed)
             random.seed(hp.seed)
+        if world is not None:
+            seed_rank(world, hp.seed, global_step)
         autocast = autocast_for(self.device, hp.precision)
         # Static shapes (full rows, batch_size of them) for compiled code: it then compiles once.
         static = self.compile or path is AttentionPath.FLEX
@@ -294,8 +314,8 @@ class TrainerEngine:
                 "job_step": job_step,
                 "job_start_step": job_start,
                 "job_total_steps": end_step - job_start,
-                "epoch": order.epoch_of(job_step * ga),
-                "position": {"micro_batch": job_step * ga, "data_fingerprint": data.fingerprint},
+                "epoch": order.epoch_of(job_step * step_micro),
+                "position": {"micro_batch": job_step * step_micro, "data_fingerprint": data.fingerprint},
                 # The LR is a function of the global step: these say which, and the last value used.
                 "scheduler": {
                     "name": hp.lr_scheduler,
@@ -304,8 +324,8 @@ class TrainerEngine:
                     "decay_steps": hp.decay_steps,
                     "last_lr": lr_at(global_step - 1, hp) if global_step > 0 else None,
                 },
-                "config_hash": config.config_hash(),
-                "config": config.to_dict(),
+                "config_hash": given.config_hash(),
+                "config": given.to_dict(),
                 "model_path": str(model_path),
                 "loss_history": loss_history,
                 "val_history": val_history,
@@ -313,9 +333,14 @@ class TrainerEngine:
             }
 
         def save() -> Path:
-            path_ = save_checkpoint(
-                checkpoint_dir, global_step, model, optimizer, tokenizer, checkpoint_state(), hp.save_total_limit
-            )
+            def write(**gathered) -> Path:
+                return save_checkpoint(checkpoint_dir, global_step, model, optimizer, tokenizer, checkpoint_state(),
+                                       hp.save_total_limit, **gathered)
+
+            if self._parallel is None:
+                path_ = write()
+            else:  # rank 0 writes (the full state, gathered under FSDP), the others wait for it
+                path_ = self._parallel.save(write, checkpoint_dir / checkpoint_name(global_step), optimizer)
             self._warm_checkpoint = path_
             return path_
 
@@ -323,11 +348,14 @@ class TrainerEngine:
             return self._evaluate(model, data, hp.batch_size, autocast, path, static)
 
         def build(step: int) -> list[Batch]:
-            """The micro-batches of job step ``step`` (runs on the prefetch thread)."""
+            """This rank's micro-batches of job step ``step`` (runs on the prefetch thread)."""
+            if counts is not None:  # the whole step's tokens, over all ranks: the loss is weighted by them
+                step_counts[step] = counts.of([r for j in range(step_micro)
+                                               for r in order.micro_batch(step * step_micro + j)])
             return [
                 self._batch(
-                    data.rows, data.train, order.micro_batch(step * ga + a), data.pad_id, path, fixed_length,
-                    fixed_rows,
+                    data.rows, data.train, order.micro_batch(step * step_micro + first_micro + a), data.pad_id, path,
+                    fixed_length, fixed_rows,
                 )
                 for a in range(ga)
             ]
@@ -390,7 +418,10 @@ class TrainerEngine:
                 self._warm_checkpoint = None
                 rng_before = RngState.capture()
                 batches = prefetch.next()
-                n_loss = sum(b.num_loss_tokens for b in batches)
+                if counts is None:
+                    n_tokens, n_loss = sum(b.num_tokens for b in batches), sum(b.num_loss_tokens for b in batches)
+                else:
+                    n_tokens, n_loss = step_counts.pop(job_step)
                 step_loss, grad_norm = self._compute_step(model, batches, n_loss, kernel, autocast, params, max_norm)
 
                 if pending is not None:
@@ -406,10 +437,7 @@ class TrainerEngine:
                             status = TrainingStatus.STOPPED
                         break
 
-                done = PendingStep(
-                    global_step + 1, lr_at(global_step, hp), sum(b.num_tokens for b in batches), step_loss, n_loss,
-                    grad_norm,
-                )
+                done = PendingStep(global_step + 1, lr_at(global_step, hp), n_tokens, step_loss, n_loss, grad_norm)
                 if not defer and not done.finite():  # this optimizer cannot skip on the device: look first
                     optimizer.zero_grad(set_to_none=True)
                     report(done)
@@ -488,18 +516,23 @@ class TrainerEngine:
         """Forward and backward over a step's micro-batches, then gradient clipping; returns the summed loss and
         the gradient norm, both still on the device (nothing here waits for it)."""
         # Token-weighted mean over the whole step: each micro-batch adds its summed loss / the step's count,
-        # so accumulation gives the same gradient as one big batch.
+        # so accumulation gives the same gradient as one big batch. On several ranks the count is the step's over
+        # all of them and the ranks' gradients are summed (engine.data_parallel): the same gradient again.
+        parallel = self._parallel
         step_loss = torch.zeros((), device=self.device)
-        for batch in batches:
+        for i, batch in enumerate(batches):
             batch = batch.to(self.device)
             if self.compile and batch.layout is not None and batch.layout.cu_seqlens is not None:
                 torch._dynamo.mark_dynamic(batch.layout.cu_seqlens, 0)  # the segment count varies: one graph
-            with autocast:
-                summed = self._loss_fn(model, batch, kernel)
-            (summed / n_loss).backward()
+            with parallel.micro_batch(last=i == len(batches) - 1) if parallel else contextlib.nullcontext():
+                with autocast:
+                    summed = self._loss_fn(model, batch, kernel)
+                (summed / n_loss).backward()
             step_loss += summed.detach()
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-        return step_loss, grad_norm
+        if parallel is None:
+            return step_loss, torch.nn.utils.clip_grad_norm_(params, max_norm)
+        parallel.sum_loss(step_loss)
+        return step_loss, parallel.clip(params, max_norm)
 
     @staticmethod
     def _batch(rows, examples, picked, pad_id, path, length=None, num_rows=None) -> Batch:
@@ -512,8 +545,9 @@ class TrainerEngine:
             )
         return batch
 
-    def _load(self, model_path: str, resume_from: Path | None, config: TrainerConfig):
-        """The model and optimizer to train: the warm ones when they are exactly ``resume_from``, else loaded."""
+    def _load(self, model_path: str, resume_from: Path | None, config: TrainerConfig, world: World | None = None):
+        """The model and optimizer to train: the warm ones when they are exactly ``resume_from``, else loaded
+        (and, with a world, wrapped for data-parallel training: collective, every rank loads at once)."""
         hp = config.hyperparams
         warm = (
             self._model is not None
@@ -521,6 +555,7 @@ class TrainerEngine:
             and self._warm_checkpoint is not None
             and self._model_path == str(model_path)
             and _same_path(resume_from, self._warm_checkpoint)
+            and (self._parallel.sharding if self._parallel else None) == (hp.sharding if world else None)
         )
         if warm:
             logger.info("reusing the in-memory model of %s", resume_from)
@@ -531,13 +566,16 @@ class TrainerEngine:
             source = weights_source(model_path, resume_from, config.finetune)
             model = prepare_model(load_model(source, **load_kwargs(config, self.device)), config, self.device,
                                   resume_from)
+            # With a world: DDP, or FSDP sharding the parameters, before the optimizer is built over them.
+            self._parallel = DataParallel(model, world, hp.sharding) if world is not None else None
             optimizer = build_optimizer(model, self.device)
             if resume_from is not None:
-                load_optimizer_state(resume_from, optimizer)
+                load_optimizer_state(resume_from, optimizer,
+                                     self._parallel.load_optimizer_state if self._parallel else None)
             if self.compile:
                 compile_layers(model)
             self._model, self._optimizer, self._model_path = model, optimizer, str(model_path)
-        self._loss_fn = loss_sum
+        self._loss_fn = self._parallel.loss if self._parallel is not None else loss_sum
         # The config of this job applies, whatever the checkpoint's was (the LR is set at every step).
         opt = config.optimizer
         for group in optimizer.param_groups:
@@ -563,7 +601,7 @@ class TrainerEngine:
                     shape = (data.row_length, batch_size) if static else (None, None)
                     batch = self._batch(data.val_rows, data.val, picked, data.pad_id, path, *shape).to(self.device)
                     with autocast:
-                        total += loss_sum(model, batch).double()
+                        total += self._loss_fn(model, batch).double()
                     count += batch.num_loss_tokens
         finally:
             model.train()
