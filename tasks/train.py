@@ -62,11 +62,15 @@ class _ProgressEvents:
                 continue
             summary = (f"step {progress['step']}/{progress['total_steps']} · loss {progress['loss'] or 0:.4f} · "
                        f"{progress['tokens_per_sec'] or 0:.0f} tok/s · ETA {progress['eta_s'] or 0:.0f} s")
+            ranks = {}
+            if progress.get("ranks") is not None:  # a multi-rank worker: its rank processes alive
+                summary += f" · {progress['ranks']}/{progress['ranks_expected']} ranks"
+                ranks = {"ranks": progress["ranks"], "ranks_expected": progress["ranks_expected"]}
             try:
                 with self.app.events.default_dispatcher(hostname=self.hostname) as dispatcher:
                     dispatcher.send("task-progress", uuid=self.task_id, result=summary, step=progress["step"],
                                     total_steps=progress["total_steps"], loss=progress["loss"],
-                                    tokens_per_sec=progress["tokens_per_sec"], eta_s=progress["eta_s"])
+                                    tokens_per_sec=progress["tokens_per_sec"], eta_s=progress["eta_s"], **ranks)
             except Exception as exc:  # noqa: BLE001 - monitoring must never stop training
                 logger.debug("progress event not sent: %s", exc)
             time.sleep(self.min_interval_s)
