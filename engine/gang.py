@@ -10,9 +10,12 @@
 Interface (what the trainer integration builds on):
 
 * ``fn(ctx, *args, **kwargs)`` runs in every rank after the process group is up; ``fn`` and its arguments must be
-  picklable (a module-level function; ranks are started with ``spawn``, never ``fork``). ``ctx`` is a
-  :class:`RankContext`: ``rank``, ``world_size``, ``device`` (``cuda:<rank>`` or ``cpu``), ``report(payload)``,
-  ``beat()`` and ``stop_requested()``. On the CPU each rank gets ``cores // ranks`` torch threads.
+  picklable (a module-level function of an importable module). Each rank is a fresh interpreter
+  (``subprocess``, never ``fork``; not ``multiprocessing`` either, whose children a daemonic process such as a
+  Celery pool worker may not have), with the parent's ``sys.path``, talking to the parent over a socket pair.
+  ``ctx`` is a :class:`RankContext`: ``rank``, ``world_size``, ``device`` (``cuda:<rank>`` or ``cpu``),
+  ``report(payload)``, ``beat()`` and ``stop_requested()``. On the CPU each rank gets ``cores // ranks`` torch
+  threads.
 * Rank 0's ``ctx.report(payload)`` reaches the parent's ``on_progress(payload)``, in order; a report from any rank
   is also a heartbeat. Every rank must report or ``beat()`` at least every ``silence_timeout_s`` (once per
   optimizer step is plenty).
@@ -52,10 +55,12 @@ import contextlib
 import ctypes
 import datetime
 import logging
-import multiprocessing
 import os
 import pickle
 import signal
+import socket
+import subprocess
+import sys
 import threading
 import time
 import traceback
@@ -176,19 +181,15 @@ class Gang:
         self.config = config
         self._calls = 0
         self._closed = False
-        ctx = multiprocessing.get_context("spawn")
         self._store = dist.TCPStore(_LOOPBACK, 0, None, True,
                                     timeout=datetime.timedelta(seconds=config.startup_timeout_s),
                                     wait_for_workers=False)
         self._ranks: list[_Rank] = []
         try:
             for rank in range(config.ranks):
-                parent_end, child_end = ctx.Pipe(duplex=True)
-                process = ctx.Process(target=_rank_main, name=f"gang-rank-{rank}", daemon=False,
-                                      args=(rank, config, self._store.port, os.getpid(), child_end))
-                process.start()
-                child_end.close()
-                self._ranks.append(_Rank(rank, process, parent_end, started=time.monotonic()))
+                process = _RankProcess()
+                self._ranks.append(_Rank(rank, process, process.conn, started=time.monotonic()))
+                process.conn.send(("init", rank, config, self._store.port, os.getpid()))
         except BaseException:
             self.close()
             raise
@@ -259,6 +260,49 @@ class Gang:
         self.close()
 
 
+_BOOTSTRAP = "import sys; from engine.gang import _rank_entry; _rank_entry(int(sys.argv[1]))"
+
+
+class _RankProcess:
+    """One rank's interpreter, started with ``subprocess`` in a session of its own; ``conn`` is the parent's end of
+    its socket pair; ``sentinel`` (a pidfd, where Linux has them) becomes readable when it exits."""
+
+    def __init__(self):
+        parent_end, child_end = socket.socketpair()
+        # The parent's import path, so that the rank finds the modules fn lives in (the worker's cwd included).
+        path = [entry or os.getcwd() for entry in sys.path]
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
+        try:
+            self._popen = subprocess.Popen([sys.executable, "-c", _BOOTSTRAP, str(child_end.fileno())],
+                                           pass_fds=(child_end.fileno(),), start_new_session=True, env=env,
+                                           stdin=subprocess.DEVNULL)
+        finally:
+            child_end.close()
+        self.pid = self._popen.pid
+        self.conn = Connection(parent_end.detach())
+        try:
+            self.sentinel = os.pidfd_open(self.pid)
+        except (AttributeError, OSError):  # not Linux 5.3+: exits are found by polling instead
+            self.sentinel = None
+
+    def is_alive(self) -> bool:
+        return self._popen.poll() is None
+
+    @property
+    def exitcode(self) -> int | None:
+        return self._popen.poll()
+
+    def join(self, timeout: float) -> None:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self._popen.wait(timeout=max(timeout, 0.0))
+
+    def close(self) -> None:
+        if self.sentinel is not None:
+            with contextlib.suppress(OSError):
+                os.close(self.sentinel)
+            self.sentinel = None
+
+
 @dataclass
 class _Rank:
     rank: int
@@ -279,14 +323,14 @@ def _supervise(ranks: list[_Rank], config: GangConfig, call: int, on_progress, s
     settle_until = None
     while not all(r.done for r in ranks):
         waitables = [r.conn for r in ranks if r.conn_open] + [r.process.sentinel for r in ranks if not r.failed
-                                                                and not r.done]
+                                                                and not r.done and r.process.sentinel is not None]
         ready = wait(waitables, timeout=_POLL_S)
         now = time.monotonic()
         for r in ranks:
             if r.conn_open and r.conn in ready:
                 failures += _drain(r, on_progress)
         for r in ranks:
-            if not r.done and not r.failed and r.process.sentinel in ready:
+            if not r.done and not r.failed and not r.process.is_alive():
                 if r.conn_open:
                     failures += _drain(r, on_progress)  # its last words (a result, an error) may still be there
                 if not r.done and not r.failed:
@@ -390,8 +434,7 @@ def _teardown(ranks: list[_Rank], grace_s: float) -> None:
             logger.error("gang rank %d (pid %d) survived SIGKILL (uninterruptible I/O?)", r.rank, r.process.pid)
         with contextlib.suppress(OSError):
             r.conn.close()
-        with contextlib.suppress(ValueError):
-            r.process.close()
+        r.process.close()
 
 
 def _group_exists(pgid: int | None) -> bool:
@@ -419,9 +462,19 @@ def _signal_group(pid: int | None, sig: int) -> None:
 # ------------------------------------------------------------------------------------------------- a rank
 
 
+def _rank_entry(fd: int) -> None:
+    """A rank's interpreter starts here (``_BOOTSTRAP``): its socket to the parent, then who it is."""
+    conn = Connection(fd)
+    try:
+        _, rank, config, store_port, parent_pid = conn.recv()
+    except (EOFError, OSError):
+        os._exit(1)  # the parent went away before saying
+    _rank_main(rank, config, store_port, parent_pid, conn)
+
+
 def _rank_main(rank: int, config: GangConfig, store_port: int, parent_pid: int, conn: Connection) -> None:
-    """The body of one rank's process: join the process group, then run each call the parent sends."""
-    os.setsid()  # a process group of its own: the parent stops it and whatever it started with one killpg
+    """The body of one rank's process: join the process group, then run each call the parent sends. The process
+    leads its own session (started so): the parent stops it and whatever it started with one killpg."""
     _die_with_parent(parent_pid)
     import torch
     import torch.distributed as dist
