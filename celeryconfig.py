@@ -16,11 +16,12 @@ result_backend = _settings.redis_url
 broker_connection_retry_on_startup = True
 broker_connection_max_retries = None  # a worker outlives a Redis restart and reconnects
 
-# Strict priority: the Redis transport polls the queues in the order the worker lists them (-Q high,normal,low)
-# instead of round-robin, and a worker reserves one message at a time, acked only when the job ends.
+# Strict priority: the Redis transport polls high, then normal, then low (tasks/queue_order.py: whatever order the
+# consumer added them in, e.g. after `jobs pause` + `jobs resume`), never round-robin, and a worker reserves one
+# message at a time, acked only when the job ends.
 # Every Celery key gets CELERY_PREFIX: a queue name is a Redis key, and none may land on Guild's guild:* keys.
-broker_transport_options = {"queue_order_strategy": "priority", "visibility_timeout": _visibility,
-                            "global_keyprefix": CELERY_PREFIX}
+broker_transport_options = {"queue_order_strategy": "tasks.queue_order:StrictPriorityCycle",
+                            "visibility_timeout": _visibility, "global_keyprefix": CELERY_PREFIX}
 result_backend_transport_options = {"visibility_timeout": _visibility, "global_keyprefix": CELERY_PREFIX}
 task_acks_late = True
 task_reject_on_worker_lost = True

@@ -62,20 +62,50 @@ def run_checks(settings, min_depth: int = 0, inspect_timeout_s: float = 2.0, min
     checks.append(Check("redis-layout", not wrong, f"{len(wrong)} Guild key(s) of the wrong type"
                         + (": " + "; ".join(wrong) if wrong else ""),
                         "until then enqueue refuses to write (nothing half-done is left behind)"))
-    checks.extend(_worker_checks(inspect_timeout_s))
+    queues = _active_queues(inspect_timeout_s)
+    checks.extend(_worker_checks(queues))
     checks.extend(_local_checks(settings))
     checks.append(_disk_check(settings, min_free, store))
     checks.extend(_job_checks(settings, store, min_depth))
+    if queues:
+        checks.append(_pause_check(queues, store))
     return checks
 
 
-def _worker_checks(timeout_s: float) -> list[Check]:
+def _active_queues(timeout_s: float) -> dict[str, list] | Exception:
+    """Every online worker and the queues it consumes (Celery's inspect), or the error asking them."""
     from tasks.app import app
 
     try:
-        queues = app.control.inspect(timeout=timeout_s).active_queues() or {}
+        return app.control.inspect(timeout=timeout_s).active_queues() or {}
     except Exception as exc:  # noqa: BLE001
-        return [Check("workers", False, f"cannot ask workers: {exc}", "check the broker URL")]
+        return exc
+
+
+def _pause_check(queues: dict[str, list], store) -> Check:
+    """Unhealthy when every online worker is paused while jobs are queued: nothing will ever run them until an
+    operator resumes (a health check wired to alerting must say so, even for a pause that was meant). Paused with
+    nothing queued is a warning."""
+    if isinstance(queues, Exception):
+        return Check("paused", True, "unknown (workers could not be asked)", warning=True)
+    paused = sorted(name for name, qs in queues.items() if not qs)
+    queued = store.status_counts()["queued"]
+    if not paused:
+        return Check("paused", True, "no worker is paused")
+    fix = "python -m jobs resume" + ("" if len(paused) == len(queues) else " --worker NAME")
+    if len(paused) < len(queues):
+        return Check("paused", True, f"{len(paused)} of {len(queues)} worker(s) paused: {', '.join(paused)}", fix,
+                     warning=True)
+    if queued:
+        return Check("paused", False, f"every worker is paused ({', '.join(paused)}) and {queued} job(s) are queued: "
+                     "nothing runs them", fix)
+    return Check("paused", False, f"every worker is paused ({', '.join(paused)}); nothing is queued", fix,
+                 warning=True)
+
+
+def _worker_checks(queues) -> list[Check]:
+    if isinstance(queues, Exception):
+        return [Check("workers", False, f"cannot ask workers: {queues}", "check the broker URL")]
     if not queues:
         return [Check("workers", False, "no worker online",
                       "start one per GPU: `make worker GPU=0` (or celery -A tasks worker -Q high,normal,low)")]

@@ -56,10 +56,11 @@ def main(argv: list[str] | None = None) -> int:
             CeleryPublisher(app, store)(job_id, priority, at_head)
 
         if args.plan:
-            from jobs.queue_plan import hero_throughput, plan_submission
+            from jobs.cli_format import plan_text
+            from jobs.queue_plan import plan_submission
 
-            plan = plan_submission(settings, store, request, hero_throughput(settings.guild_home))
-            _print_plan(plan, args.json)
+            plan = plan_submission(settings, store, request)
+            print(json.dumps(plan, indent=2) if args.json else plan_text(plan) + "\n(nothing enqueued)")
             return 0
         jobs = submit(settings, store, request, publish)
     except GuildError as exc:
@@ -71,6 +72,12 @@ def main(argv: list[str] | None = None) -> int:
 
         print(f"error: {describe_unexpected(exc, nothing_enqueued=True)}", file=sys.stderr)
         return 1
+    from jobs.submit import truncation_warning
+
+    for path, job in zip(args.files, jobs):  # one job per file, in order; stderr keeps --json stdout clean
+        warning = truncation_warning(path, job.workload)
+        if warning:
+            print(f"warning: {warning}", file=sys.stderr)
     if args.wait:
         from jobs.watch_cli import watch_jobs
 
@@ -84,19 +91,6 @@ def main(argv: list[str] | None = None) -> int:
         for job in jobs:
             print(job.id)
     return 0
-
-
-def _print_plan(plan: dict, as_json: bool) -> None:
-    if as_json:
-        print(json.dumps(plan, indent=2))
-        return
-    for n, j in enumerate(plan["jobs"], 1):
-        mark = "NEW " if j.get("new") else "    "
-        print(f"{mark}{n:>4}  {j['id'][:56]:56} {j['priority']:7} {j['num_examples']:>7} ex "
-              f"{j['estimated_tokens']:>9} tok  eta {j['eta_s']:>8.0f}s")
-    t = plan["totals"]
-    print(f"total: {t['jobs']} jobs, {t['estimated_tokens']} tokens, done in about {t['eta_s']:.0f} s "
-          "(nothing enqueued)")
 
 
 def _names_a_file(line: str, files: list[str]) -> bool:

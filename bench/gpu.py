@@ -68,12 +68,30 @@ def qwen3_06b_config(smoke: bool):
     from transformers import Qwen3Config
 
     if smoke:
-        return Qwen3Config(vocab_size=4096, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2, head_dim=16, tie_word_embeddings=True,
-                           max_position_embeddings=4096)
-    return Qwen3Config(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
-                       num_attention_heads=16, num_key_value_heads=8, head_dim=128, max_position_embeddings=40960,
-                       rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=True)
+        return Qwen3Config(
+            vocab_size=4096,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            tie_word_embeddings=True,
+            max_position_embeddings=4096,
+        )
+    return Qwen3Config(
+        vocab_size=151936,
+        hidden_size=1024,
+        intermediate_size=3072,
+        num_hidden_layers=28,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+        head_dim=128,
+        max_position_embeddings=40960,
+        rope_theta=1e6,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=True,
+    )
 
 
 def spec_peak(name: str) -> float | None:
@@ -138,8 +156,16 @@ def prepared(examples, seq: int):
     from engine.packing import pack_best_fit
 
     return PreparedDataset(
-        train=examples, val=[], rows=pack_best_fit([len(e) for e in examples], seq), val_rows=[], row_length=seq,
-        packed=True, pad_id=0, num_examples=len(examples), num_truncated=0, num_dropped=0,
+        train=examples,
+        val=[],
+        rows=pack_best_fit([len(e) for e in examples], seq),
+        val_rows=[],
+        row_length=seq,
+        packed=True,
+        pad_id=0,
+        num_examples=len(examples),
+        num_truncated=0,
+        num_dropped=0,
         fingerprint=f"bench-{seq}-{len(examples)}",
     )
 
@@ -171,8 +197,13 @@ def correctness(model_path: Path, device: torch.device, smoke: bool, bf16: bool)
 
     def losses(batch_rows, path):
         batch = collate(batch_rows, examples, 0, seq if path is AttentionPath.FLEX else None)
-        batch.layout = layout_for(path, batch.documents, batch.input_ids.shape[1], batch.example_index,
-                                  compiled=cuda and path is AttentionPath.FLEX)
+        batch.layout = layout_for(
+            path,
+            batch.documents,
+            batch.input_ids.shape[1],
+            batch.example_index,
+            compiled=cuda and path is AttentionPath.FLEX,
+        )
         with torch.no_grad(), autocast:
             return per_example_losses(model, batch.to(device))
 
@@ -220,9 +251,17 @@ def throughput(model_path: Path, seq: int, args, work: Path, ceiling: float | No
     data = prepared(synthetic(int(rows * seq * steps / 380 * 1.3) + 50, seq, vocab, seed=seq), seq)
     config = TrainerConfig(
         hyperparams=Hyperparams(
-            max_length=seq, batch_size=rows, max_steps=steps, learning_rate=1e-4, warmup_steps=0,
-            precision="bf16" if cuda else "fp32", eval_fraction=0.0, save_steps=10**9, seed=0,
-            attention=args.attention, loss_kernel=args.loss_kernel,
+            max_length=seq,
+            batch_size=rows,
+            max_steps=steps,
+            learning_rate=1e-4,
+            warmup_steps=0,
+            precision="bf16" if cuda else "fp32",
+            eval_fraction=0.0,
+            save_steps=10**9,
+            seed=0,
+            attention=args.attention,
+            loss_kernel=args.loss_kernel,
         ),
         data=DataConfig(enable_packing=True),
     )
@@ -243,8 +282,9 @@ def throughput(model_path: Path, seq: int, args, work: Path, ceiling: float | No
     checkpoints = Path(tempfile.mkdtemp(prefix="ckpt-", dir=_scratch(work)))
     started = time.perf_counter()
     try:
-        result = engine.run_job(data, config, on_progress, model_path=str(model_path), checkpoint_dir=checkpoints,
-                                run_id=f"bench-{seq}")
+        result = engine.run_job(
+            data, config, on_progress, model_path=str(model_path), checkpoint_dir=checkpoints, run_id=f"bench-{seq}"
+        )
     finally:
         shutil.rmtree(checkpoints, ignore_errors=True)
     total_s = time.perf_counter() - started
@@ -257,17 +297,27 @@ def throughput(model_path: Path, seq: int, args, work: Path, ceiling: float | No
     flops = 6 * n_params * tok_s / 1e12
     peak_gib = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
     report = {
-        "seq": seq, "rows_per_step": rows, "steps_timed": len(marks) - w, "warmup_steps": w,
-        "status": result.status, "error": result.error, "attention": result.attention,
-        "loss_kernel": result.loss_kernel, "compile": args.compile, "params": n_params,
-        "useful_tok_s": round(tok_s, 1), "pad_fraction": round(1 - useful / slots, 4),
+        "seq": seq,
+        "rows_per_step": rows,
+        "steps_timed": len(marks) - w,
+        "warmup_steps": w,
+        "status": result.status,
+        "error": result.error,
+        "attention": result.attention,
+        "loss_kernel": result.loss_kernel,
+        "compile": args.compile,
+        "params": n_params,
+        "useful_tok_s": round(tok_s, 1),
+        "pad_fraction": round(1 - useful / slots, 4),
         "step_s": round(timed_s / (len(marks) - w), 4),
         "mfu_6N_vs_spec": round(flops / peak, 4) if peak else None,
         "mfu_6N_vs_measured_matmul": round(flops / ceiling, 4) if ceiling else None,
         "peak_mem_gib": round(peak_gib, 2) if peak_gib is not None else None,
         "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2) if cuda else None,
         "first_loss": result.loss_history[0][1] if result.loss_history else None,
-        "final_loss": result.final_loss, "setup_s": round(result.setup_s, 1), "total_s": round(total_s, 1),
+        "final_loss": result.final_loss,
+        "setup_s": round(result.setup_s, 1),
+        "total_s": round(total_s, 1),
         "warnings": result.warnings,
     }
     if cuda:
@@ -290,10 +340,18 @@ def _scratch(work: Path) -> Path:
 def run_anchor(out: Path, smoke: bool, steps: int) -> dict:
     env = {**os.environ, "OUT": str(out), "STEPS": str(steps)}
     started = time.perf_counter()
-    done = subprocess.run([sys.executable, str(REPO / "bench" / "hf_trainer_anchor.py")], env=env,
-                          capture_output=True, text=True, timeout=1800)
-    report = {"returncode": done.returncode, "seconds": round(time.perf_counter() - started, 1),
-              "tail": (done.stdout + done.stderr)[-3000:]}
+    done = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "hf_trainer_anchor.py")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
+    report = {
+        "returncode": done.returncode,
+        "seconds": round(time.perf_counter() - started, 1),
+        "tail": (done.stdout + done.stderr)[-3000:],
+    }
     anchor_file = out / "gpu_anchor.json"
     if done.returncode == 0 and anchor_file.exists():
         report["result"] = json.loads(anchor_file.read_text())
@@ -329,9 +387,13 @@ def main() -> None:
     name = torch.cuda.get_device_name() if cuda else "cpu"
     peak = spec_peak(name) if cuda else None
     report: dict = {
-        "date": time.strftime("%Y-%m-%d"), "device": name, "torch": torch.__version__, "smoke": args.smoke,
+        "date": time.strftime("%Y-%m-%d"),
+        "device": name,
+        "torch": torch.__version__,
+        "smoke": args.smoke,
         "capability": list(torch.cuda.get_device_capability()) if cuda else None,
-        "spec_bf16_tflops": peak, "targets": {"useful_tok_s": TARGET_TOK_S, "peak_gib": TARGET_GIB},
+        "spec_bf16_tflops": peak,
+        "targets": {"useful_tok_s": TARGET_TOK_S, "peak_gib": TARGET_GIB},
     }
     import transformers
 
@@ -348,13 +410,17 @@ def main() -> None:
         model_path = build_model_dir(work, args.smoke)
         if args.check:
             report["correctness"] = []
-            for bf16 in ([False, True] if cuda else [False]):
+            for bf16 in [False, True] if cuda else [False]:
                 report["correctness"].append(check := correctness(model_path, device, args.smoke, bf16))
-                print(f"correctness (packed vs alone, {check['precision']}): "
-                      + ", ".join(f"{k} {v.get('max_abs_diff', v.get('error'))}" for k, v in check.items()
-                                  if isinstance(v, dict))
-                      + f", leak would be {check['leak_contrast_max_abs_diff']:.3g}"
-                      + f" -> {'ok' if check['ok'] else 'FAILED'}", flush=True)
+                print(
+                    f"correctness (packed vs alone, {check['precision']}): "
+                    + ", ".join(
+                        f"{k} {v.get('max_abs_diff', v.get('error'))}" for k, v in check.items() if isinstance(v, dict)
+                    )
+                    + f", leak would be {check['leak_contrast_max_abs_diff']:.3g}"
+                    + f" -> {'ok' if check['ok'] else 'FAILED'}",
+                    flush=True,
+                )
                 write()
         report["runs"] = []
         for seq in seqs:
@@ -378,7 +444,8 @@ def main() -> None:
     summary = [
         f"seq {r['seq']}: {r['useful_tok_s']:.0f} useful tok/s, MFU {r['mfu_6N_vs_spec']} of spec / "
         f"{r['mfu_6N_vs_measured_matmul']} of measured, peak {r['peak_mem_gib']} GiB"
-        if "useful_tok_s" in r else f"seq {r['seq']}: {r.get('error')}"
+        if "useful_tok_s" in r
+        else f"seq {r['seq']}: {r.get('error')}"
         for r in report["runs"]
     ]
     print(f"gpu bench ({name}): " + "; ".join(summary) + f". Written to {out / 'gpu.json'}")

@@ -1,9 +1,14 @@
-"""``python -m campaigns create|list|show|retention|prune|export``: long training runs of one hero.
+"""``python -m campaigns create|list|show|retention|prune|export|eval-set|samples|compare``: long training runs
+of one hero.
 
-``create NAME --hero ID [--set KEY=VALUE ...] [--keep-full N] [--keep-weights N|all]``, ``list``,
-``show NAME [--json] [--plot]`` (the record, disk figures and retention policy), ``retention NAME [--keep-full N]
-[--keep-weights N|all]`` (show or change the checkpoint policy), ``prune NAME [--dry-run] [--json]``,
-``export NAME OUT [--merged] [--checkpoint PATH] [--json]`` (a plain Hugging Face model directory).
+``create NAME --hero ID [--set KEY=VALUE ...] [--keep-full N] [--keep-weights N|all] [--eval-file FILE ...]``,
+``list``, ``show NAME [--json] [--plot]`` (the record, eval set, disk figures and retention policy),
+``retention NAME [--keep-full N] [--keep-weights N|all]`` (show or change the checkpoint policy),
+``prune NAME [--dry-run] [--json]``, ``export NAME OUT [--merged] [--checkpoint PATH] [--json]`` (a plain Hugging
+Face model directory), ``eval-set NAME [FILE | --clear]`` (show, set or remove the campaign's eval set),
+``samples NAME [--prompt K] [--all] [--json]`` (the probes' answers over the campaign's steps),
+``compare A B`` (two models on one eval set; ``NAME``, ``NAME@STEP``, ``NAME@base`` or ``NAME@PATH``; the one
+command that loads torch).
 """
 
 from __future__ import annotations
@@ -24,6 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--hero", dest="hero_id", required=True)
     create.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
     _keep_options(create)
+    create.add_argument("--eval-file", metavar="FILE",
+                        help="the campaign's eval set: every job is evaluated on it (see eval-set)")
+    _eval_options(create)
     ls = sub.add_parser("list")
     ls.add_argument("--json", action="store_true")
     show = sub.add_parser("show", help="the record, disk figures and retention policy")
@@ -43,7 +51,42 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--merged", action="store_true", help="LoRA/QLoRA: merge the adapter into the base")
     export.add_argument("--checkpoint", help="a checkpoint directory (default: the campaign's latest)")
     export.add_argument("--json", action="store_true")
+    evals = sub.add_parser("eval-set", help="show, set or remove the campaign's eval set (from the next job on)")
+    evals.add_argument("name")
+    evals.add_argument("file", nargs="?", help="the new eval set (any dataset format); none: show the history")
+    evals.add_argument("--clear", action="store_true", help="remove the eval set (jobs evaluate on their own split)")
+    evals.add_argument("--json", action="store_true")
+    _eval_options(evals)
+    samples = sub.add_parser("samples", help="how the probes' answers changed over the campaign's steps")
+    samples.add_argument("name")
+    samples.add_argument("--prompt", type=int, metavar="K", help="only probe K (0-based, as listed)")
+    samples.add_argument("--all", action="store_true",
+                         help="also evaluations of jobs that did not complete (their steps are not the campaign's)")
+    samples.add_argument("--json", action="store_true")
+    compare = sub.add_parser("compare", help="evaluate two models on one eval set, side by side (loads torch)")
+    compare.add_argument("a", help="NAME (latest checkpoint), NAME@STEP, NAME@base or NAME@PATH")
+    compare.add_argument("b", help="the same forms")
+    compare.add_argument("--eval-file", metavar="FILE", help="evaluate on this file (default: A's eval set)")
+    compare.add_argument("--probes", metavar="FILE", help="answer these prompts (default: the eval set's probes)")
+    compare.add_argument("--num-probes", type=int, metavar="N")
+    compare.add_argument("--max-new-tokens", type=int, metavar="N")
+    compare.add_argument("--max-length", type=int, metavar="N", help="cut examples here (default: the eval set's)")
+    compare.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda when there is one)")
+    compare.add_argument("--json", action="store_true")
     return p
+
+
+def _eval_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--probes", metavar="FILE",
+                        help="probe prompts answered at every evaluation (messages or prompt/response lines; "
+                             "default: the eval file's first conversations)")
+    parser.add_argument("--num-probes", type=int, metavar="N",
+                        help="how many probes (default 4 from the eval file, every line of --probes; at most 16)")
+    parser.add_argument("--max-new-tokens", type=int, default=None, metavar="N",
+                        help="the most tokens of each answer (default 64)")
+    parser.add_argument("--probe-seed", type=int, default=None, metavar="N", help="seeds generation (default 0)")
+    parser.add_argument("--eval-max-length", type=int, metavar="N",
+                        help="cut eval examples here, for every job (default: the campaign's max_length)")
 
 
 def _keep_options(parser: argparse.ArgumentParser) -> None:
@@ -65,13 +108,22 @@ def main(argv: list[str] | None = None) -> int:
             return _create(settings, store, args)
         if args.command == "export":
             return _export(settings, args)
+        if args.command == "eval-set":
+            return _eval_set(settings, store, args)
+        if args.command == "samples":
+            return _samples(settings, store, args)
+        if args.command == "compare":
+            return _compare(settings, args)
         if args.command == "list":
             campaigns = store.list()
+            running = _running_jobs(settings)
             if args.json:
-                print(json.dumps([c.to_dict() for c in campaigns], indent=2))
+                print(json.dumps([{**c.to_dict(), "running": running.get(c.id)} for c in campaigns], indent=2))
             else:
                 for c in campaigns:
-                    print(f"{c.id:24} {c.hero_id:16} step {c.current_step:<8} jobs {len(c.job_ids):<5} {c.status}")
+                    now = running.get(c.id)
+                    print(f"{c.id:24} {c.hero_id:16} step {c.current_step:<8} jobs {len(c.job_ids):<5} {c.status}"
+                          + (f"  {_running_text(now)}" if now else ""))
             return 0
         if args.command == "retention":
             return _retention(store, args)
@@ -99,10 +151,116 @@ def _create(settings, store, args) -> int:
     sets = parse_set_args(args.sets)
     typed = resolve([Layer("campaign", sets, "--set", from_text=True)]).flat()
     overrides = {canonical_key(k): typed[canonical_key(k)] for k in sets}
-    campaign = create_campaign(settings.guild_home, hero, args.name, overrides)
+    if args.eval_file is not None:
+        from jobs.eval_sets import create_with_eval_set
+
+        campaign = create_with_eval_set(settings, hero, args.name, overrides, _eval_request(args, args.eval_file))
+    else:
+        _no_eval_options(args, "--eval-file FILE")
+        campaign = create_campaign(settings.guild_home, hero, args.name, overrides)
     if changes:
         set_policy(store, campaign.id, **changes)
     print(f"created campaign {campaign.id} (hero {campaign.hero_id}, {campaign.config_hash})")
+    if args.eval_file is not None:
+        from campaigns.eval_set import current_change
+
+        _print_change(current_change(campaign))
+    return 0
+
+
+def _eval_request(args, path: str):
+    from jobs.eval_sets import EvalSetRequest
+
+    options = {"max_new_tokens": args.max_new_tokens, "seed": args.probe_seed}
+    return EvalSetRequest(path=path, probes_path=args.probes, num_probes=args.num_probes,
+                          max_length=args.eval_max_length, **{k: v for k, v in options.items() if v is not None})
+
+
+def _no_eval_options(args, needs: str) -> None:
+    given = [flag for flag, value in (("--probes", args.probes), ("--num-probes", args.num_probes),
+                                      ("--max-new-tokens", args.max_new_tokens), ("--probe-seed", args.probe_seed),
+                                      ("--eval-max-length", args.eval_max_length)) if value is not None]
+    if given:
+        from campaigns.errors import EvalSetRejected
+
+        raise EvalSetRejected(f"{', '.join(given)}: only with {needs}; nothing changed")
+
+
+def _eval_set(settings, store, args) -> int:
+    from campaigns.eval_set import eval_history
+
+    if args.file is None and not args.clear:
+        _no_eval_options(args, "a FILE to set")
+        history = eval_history(store.get(args.name))
+        if args.json:
+            print(json.dumps([c.to_record() for c in history], indent=2))
+        elif not history:
+            print(f"campaign {args.name} has no eval set; set one with python -m campaigns eval-set {args.name} FILE")
+        for change in history:
+            _print_change(change)
+        return 0
+    if args.file is not None and args.clear:
+        from campaigns.errors import EvalSetRejected
+
+        raise EvalSetRejected("give FILE or --clear, not both; nothing changed")
+    if args.clear:
+        _no_eval_options(args, "a FILE to set")
+    from jobs.eval_sets import set_eval_set
+
+    change = set_eval_set(settings, _job_store(settings), args.name,
+                          None if args.clear else _eval_request(args, args.file))
+    if args.json:
+        print(json.dumps(change.to_record(), indent=2))
+        return 0
+    _print_change(change)
+    print("applies to every job that starts from now on; a running job keeps the set it started with")
+    return 0
+
+
+def _print_change(change) -> None:
+    eval_set = change.eval_set
+    if eval_set is None:
+        print(f"from step {change.from_step} ({change.at}): no eval set")
+        return
+    about = "" if eval_set.tokens_counted else "about "
+    probes = (f"{eval_set.num_probes} probes ({eval_set.probes_source}), {eval_set.max_new_tokens} new tokens each"
+              if eval_set.num_probes else "no probes")
+    print(f"from step {change.from_step} ({change.at}): eval set {eval_set.short} {eval_set.source}: "
+          f"{eval_set.num_examples} {eval_set.format} examples, {about}{eval_set.num_tokens:,} tokens at max_length "
+          f"{eval_set.max_length}; {probes}")
+
+
+def _samples(settings, store, args) -> int:
+    from campaigns.eval_view import collect_samples, format_samples
+    from campaigns.evaluations import read_log
+
+    campaign = store.get(args.name)
+    entries = read_log(store.directory(campaign.hero_id, campaign.id))
+    note = ""
+    if not args.all:
+        try:
+            states = {j.id: j.status.value for j in _job_store(settings).get_many(sorted({e.job_id for e in entries}))}
+            entries = [e for e in entries if states.get(e.job_id) in ("completed", "processing")]
+        except Exception:  # noqa: BLE001 - Redis down: show everything, and say so
+            note = "job states unknown (Redis unreachable): evaluations of every job are shown"
+    view = collect_samples(campaign, entries, args.prompt)
+    if args.json:
+        print(json.dumps(view, indent=2, ensure_ascii=False))
+    else:
+        print(format_samples(campaign.id, view))
+    if note:
+        print(f"note: {note}", file=sys.stderr)
+    return 0
+
+
+def _compare(settings, args) -> int:
+    from campaigns.compare import compare
+    from campaigns.eval_view import format_comparison
+
+    result = compare(settings.guild_home, args.a, args.b, device=args.device, eval_file=args.eval_file,
+                     probes_file=args.probes, num_probes=args.num_probes, max_new_tokens=args.max_new_tokens,
+                     max_length=args.max_length, limits=settings.dataset_limits)
+    print(json.dumps(result.to_dict(), indent=2, ensure_ascii=False) if args.json else format_comparison(result))
     return 0
 
 
@@ -164,14 +322,34 @@ def _show(settings, store, args) -> int:
         jobs, note = None, "job states unknown (Redis unreachable): retry and running checkpoints count as full"
     usage = disk_usage(store, campaign, jobs)
     policy = policy_of(campaign)
+    running = _running_jobs(settings).get(campaign.id) if jobs is not None else None
     if args.json:
-        print(json.dumps({**campaign.to_dict(), "retention": policy.to_record(), "disk": usage.to_dict()}, indent=2))
+        print(json.dumps({**campaign.to_dict(), "running": running, "retention": policy.to_record(),
+                          "disk": usage.to_dict()}, indent=2))
         return 0
     record = campaign.to_dict()
     record["retention"] = policy.to_record()
+    history = record.pop("eval_sets")
     print_record(record)
+    if running:
+        print(f"{'running:':20} {_running_text(running)}")
+
+    _print_eval(campaign, history)
     _print_disk(usage, campaign.id, note)
     return 0
+
+
+def _print_eval(campaign, history) -> None:
+    from campaigns.eval_set import current_change
+
+    change = current_change(campaign)
+    if change is None:
+        print(f"{'eval set:':20} none (python -m campaigns eval-set {campaign.id} FILE)")
+        return
+    print(f"{'eval set:':20} " + ("none since step " + str(change.from_step) if change.eval_set is None else
+                                  f"{change.eval_set.short} {change.eval_set.source} (from step {change.from_step}; "
+                                  f"{len(history)} change{'s' if len(history) != 1 else ''}: python -m campaigns "
+                                  f"eval-set {campaign.id})"))
 
 
 def _print_disk(usage, name: str, note: str) -> None:
@@ -210,6 +388,36 @@ def _export(settings, args) -> int:
     return 0
 
 
+def _running_jobs(settings) -> dict[str, dict]:
+    """The running job of each campaign (one at most: the campaign lock), with its live step; {} without Redis.
+
+    ``step`` is the campaign's global step the job has reached (its live progress); ``current_step`` in
+    ``campaign.json`` moves only when a job completes.
+    """
+    try:
+        store = _job_store(settings)
+        running = store.list(status="processing")
+        runtimes = store.runtimes([j.id for j in running])
+    except Exception:  # noqa: BLE001 - the campaign records still make sense without it
+        return {}
+    found = {}
+    for job in running:
+        progress = job.progress or {}
+        found[job.campaign_id] = {"job": job.id, "worker": runtimes[job.id].worker, "start_step": job.start_step,
+                                  "step": progress.get("step"), "total_steps": progress.get("total_steps")}
+    return found
+
+
+def _running_text(running: dict) -> str:
+    """``running 2026…_a on gpu0@h: step 140/200 (this job 20 of 80)``; before its first step, ``starting``."""
+    where = f"running {running['job']} on {running['worker'] or '?'}"
+    if running["step"] is None:
+        return f"{where}: starting"
+    start = running["start_step"] or 0
+    return (f"{where}: step {running['step']}/{running['total_steps']} (this job {running['step'] - start} of "
+            f"{(running['total_steps'] or 0) - start})")
+
+
 def _job_store(settings):
     from jobs.store import JobStore
 
@@ -221,7 +429,8 @@ def _write_plot(settings, store, campaign):
 
     jobs = _job_store(settings).get_many(campaign.job_ids)
     records = [{"id": j.id, "loss_history": j.metadata.get("loss_history") or [],
-                "val_history": j.metadata.get("val_history") or []} for j in jobs if j.status.value == "completed"]
+                "val_history": j.metadata.get("val_history") or [],
+                "eval_history": j.metadata.get("eval_history") or []} for j in jobs if j.status.value == "completed"]
     path = store.directory(campaign.hero_id, campaign.id) / "plots" / "campaign.png"
     return write_campaign_plot(path, records)
 

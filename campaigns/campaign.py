@@ -58,6 +58,7 @@ class Campaign:
     latest_checkpoint: str | None = None
     job_ids: list[str] = field(default_factory=list)
     retention: dict[str, Any] = field(default_factory=dict)  # checkpoint policy; see jobs.retention
+    eval_sets: list[dict[str, Any]] = field(default_factory=list)  # eval set history; see campaigns.eval_set
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

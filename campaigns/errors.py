@@ -25,3 +25,17 @@ class InsufficientDisk(CampaignError):
 
 class DiskSizeError(CampaignError):
     """Raised when a size given on the command line (``doctor --min-free``) cannot be read."""
+
+
+class EvalSetRejected(CampaignError):
+    """Raised when an eval set or a probes file cannot be a campaign's yardstick: one ``FILE:LINE: problem`` (or bad
+    option) per line. Nothing was changed."""
+
+
+class EvalBudgetExceeded(CampaignError):
+    """Raised when a campaign's eval set has more tokens than a job's ``hyperparams.eval_max_tokens`` allows; the
+    message gives both numbers and the fix. Nothing was enqueued or changed."""
+
+
+class CompareError(CampaignError):
+    """Raised when ``campaigns compare`` cannot resolve a side (no such checkpoint, no eval set to compare on)."""

@@ -47,6 +47,7 @@ class Hyperparams:
     eval_fraction: float = 0.05
     eval_max_examples: int = 200
     eval_steps: int = 0  # 0: validate only at the end of each job
+    eval_max_tokens: int = 500_000  # the most tokens a campaign's eval set may hold (per evaluation); 0: no limit
     seed: int = 42
     attention: str = "auto"  # how packed examples are kept apart (engine.attention); auto picks by device
     loss_kernel: str = "auto"  # lm_head + cross-entropy: chunked, or liger (auto: liger on CUDA when installed)
@@ -163,7 +164,8 @@ _POSITIVE = {"hyperparams.epochs", "hyperparams.batch_size", "hyperparams.gradie
              "hyperparams.max_length", "hyperparams.save_steps", "hyperparams.save_total_limit", "queue.max_attempts",
              "finetune.lora_rank", "finetune.lora_alpha"}
 _NON_NEGATIVE = {"hyperparams.warmup_steps", "hyperparams.decay_steps", "hyperparams.max_steps",
-                 "hyperparams.eval_steps", "hyperparams.eval_max_examples", "hyperparams.learning_rate",
+                 "hyperparams.eval_steps", "hyperparams.eval_max_examples",
+                 "hyperparams.eval_max_tokens", "hyperparams.learning_rate",
                  "hyperparams.max_grad_norm", "optimizer.weight_decay", "hyperparams.seed",
                  "hyperparams.global_batch_size"}
 # Fields written as a comma-separated string that a YAML/JSON layer may also give as a list of strings.

@@ -157,8 +157,9 @@ def install(model, *, packed: bool) -> bool:
             "row would attend to each other (transformers infers boundaries from position ids only at batch size "
             "1, and never for flash kernels). Set data.enable_packing=false to train one example per row"
         )
-    logger.warning("%s keeps its own attention (%s); rows are unpacked, which it handles exactly", type(model).__name__,
-                   reason)
+    logger.warning(
+        "%s keeps its own attention (%s); rows are unpacked, which it handles exactly", type(model).__name__, reason
+    )
     return False
 
 
@@ -350,7 +351,11 @@ def _flex(query, key, value, layout: DocumentLayout, scaling) -> torch.Tensor:
     # FlexAttention wants one dtype for q, k and v; under autocast the projections may differ (rotary in fp32).
     dtype = _compute_dtype(query, value)
     return kernel(
-        query.to(dtype), key.to(dtype), value.to(dtype), block_mask=block_mask, scale=scaling,
+        query.to(dtype),
+        key.to(dtype),
+        value.to(dtype),
+        block_mask=block_mask,
+        scale=scaling,
         enable_gqa=_gqa(query, key),
     )
 
@@ -359,8 +364,8 @@ def _flash_varlen(query, key, value, layout: DocumentLayout, scaling) -> torch.T
     """Flatten (B, H, S, D) to (B*S, H, D) and attend within each cu_seqlens segment; returns (B, S, H, D)."""
     rows, heads, width, dim = query.shape
     dtype = _compute_dtype(query, value)
-    if dtype not in (torch.float16, torch.bfloat16):
-        dtype = torch.bfloat16
+    if query.is_cuda and dtype not in (torch.float16, torch.bfloat16):
+        dtype = torch.bfloat16  # flash kernels take half precision only
     q = query.transpose(1, 2).reshape(rows * width, heads, dim).to(dtype)
     k = key.transpose(1, 2).reshape(rows * width, key.shape[1], dim).to(dtype)
     v = value.transpose(1, 2).reshape(rows * width, value.shape[1], value.shape[-1]).to(dtype)
@@ -368,7 +373,15 @@ def _flash_varlen(query, key, value, layout: DocumentLayout, scaling) -> torch.T
     kind, kernel, params = _VARLEN if _VARLEN is not None else _varlen_kernel()
     if kind == "flash_attn":
         out = kernel(
-            q, k, v, cu, cu, longest, longest, softmax_scale=scaling, causal=True,
+            q,
+            k,
+            v,
+            cu,
+            cu,
+            longest,
+            longest,
+            softmax_scale=scaling,
+            causal=True,
             deterministic=torch.are_deterministic_algorithms_enabled(),
         )
     else:

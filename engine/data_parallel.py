@@ -242,6 +242,21 @@ class DataParallel:
         torch._foreach_mul_(shards, torch.clamp(max_norm / (norm + 1e-6), max=1.0))
         return norm
 
+    @contextlib.contextmanager
+    def full_weights(self) -> Iterator[None]:
+        """Around calls of the wrapped model outside the wrapper (generating probe answers): under FSDP the root's
+        own shards (embeddings, final norm, lm_head) are gathered meanwhile; each decoder layer gathers its own when
+        it runs. Collective under FSDP: every rank must make the same calls (greedy decoding of the same weights
+        does). Nothing to do under DDP (every rank holds every weight)."""
+        if self.sharding != "fsdp":
+            yield
+            return
+        self.module.unshard()
+        try:
+            yield
+        finally:
+            self.module.reshard()
+
     # ---- checkpoints ---------------------------------------------------------------------------------------------
     def save(self, write: Callable[..., Path], path: Path, optimizer) -> Path:
         """Rank 0 calls ``write(model_state=..., optimizer_state=...)`` (None, None under DDP: the replicated model

@@ -36,3 +36,14 @@ class FinetuneUnsupported(EngineError):
 class AttentionConfigError(EngineError):
     """Raised when the configured attention cannot keep packed examples apart on this device or model (which would
     let examples attend to each other), or cannot train there at all. The message names the key and the fix."""
+
+
+class EvalSetInvalid(EngineError):
+    """Raised when a campaign's eval set cannot be evaluated by this hero: no example keeps a loss token within its
+    max_length, or the chat template rejects a line (named by file and line). The job fails: the fault is the eval
+    set's, not the job's data."""
+
+
+class EvalSetTooLarge(EngineError):
+    """Raised when an eval set has more tokens than the job's ``hyperparams.eval_max_tokens`` allows; the message
+    gives both numbers and the fix."""

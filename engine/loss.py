@@ -145,8 +145,11 @@ def token_losses(model, batch: Batch) -> torch.Tensor:
         return F.cross_entropy(hidden, batch.loss_targets, reduction="none")
     step = chunk_tokens(head.weight.shape[0], hidden.device)
     parts = [
-        F.cross_entropy(F.linear(hidden[s : s + step], head.weight, head.bias).float(),
-                        batch.loss_targets[s : s + step], reduction="none")
+        F.cross_entropy(
+            F.linear(hidden[s : s + step], head.weight, head.bias).float(),
+            batch.loss_targets[s : s + step],
+            reduction="none",
+        )
         for s in range(0, hidden.shape[0], step)
     ]
     return torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)

@@ -36,6 +36,7 @@ from config.batching import for_ranks
 from config.errors import GuildError
 from config.schema import TrainerConfig
 from engine.chat_turns import ChatOptions
+from engine.eval_plan import EvalSpec
 from engine.gang import Gang, GangConfig, GangFailed
 from engine.result import TrainingResult
 
@@ -58,6 +59,7 @@ class RankJob:
     enable_packing: bool | None
     chat: ChatOptions | None
     verbose: bool = False
+    evaluation: EvalSpec | None = None  # the campaign's eval set: every rank evaluates it alike
 
 
 class GangTrainer:
@@ -92,8 +94,10 @@ class GangTrainer:
 
     def run_job(self, dataset, config: TrainerConfig, on_progress=None, should_stop=None, *, model_path: str,
                 checkpoint_dir: Path, resume_from: Path | None = None, run_id: str = "run",
-                enable_packing: bool | None = None, chat: ChatOptions | None = None) -> TrainingResult:
-        """Train one job on the gang (see the module docstring).
+                enable_packing: bool | None = None, chat: ChatOptions | None = None,
+                evaluation: EvalSpec | None = None, on_eval=None) -> TrainingResult:
+        """Train one job on the gang (see the module docstring). ``on_eval(point)`` gets rank 0's evaluations of
+        ``evaluation`` (every rank evaluates the whole set alike, so they are every rank's).
 
         Raises:
             ConfigError: the global batch does not divide over the ranks (before any rank starts).
@@ -104,13 +108,16 @@ class GangTrainer:
         job = RankJob(dataset=dataset if not isinstance(dataset, os.PathLike) else str(dataset), config=config,
                       model_path=str(model_path), checkpoint_dir=str(checkpoint_dir),
                       resume_from=str(resume_from) if resume_from is not None else None, run_id=run_id,
-                      enable_packing=enable_packing, chat=chat, verbose=self.verbose)
+                      enable_packing=enable_packing, chat=chat, verbose=self.verbose, evaluation=evaluation)
         if self._gang is None or self._gang.closed:
             self._gang = Gang(self.gang_config)
 
-        def progress(values) -> None:
-            if on_progress is not None:
+        def progress(report: tuple) -> None:
+            kind, values = report
+            if kind == "progress" and on_progress is not None:
                 on_progress(*values)
+            elif kind == "eval" and on_eval is not None:
+                on_eval(values)
 
         try:
             return self._gang.run(train_rank, (job,), on_progress=progress, should_stop=should_stop)
@@ -147,7 +154,10 @@ def train_rank(ctx, job: RankJob) -> TrainingResult:
 
         def on_progress(*values) -> None:
             setup.close()
-            ctx.report(values)
+            ctx.report(("progress", values))
+
+        def on_eval(point) -> None:
+            ctx.report(("eval", point))  # from rank 0 only (the others' reports are heartbeats)
 
         def should_stop() -> bool:
             return agree(ctx.stop_requested())  # every rank stops after the same step
@@ -155,7 +165,8 @@ def train_rank(ctx, job: RankJob) -> TrainingResult:
         return engine.run_job(job.dataset, job.config, on_progress, should_stop, model_path=job.model_path,
                               checkpoint_dir=Path(job.checkpoint_dir),
                               resume_from=Path(job.resume_from) if job.resume_from else None, run_id=job.run_id,
-                              enable_packing=job.enable_packing, chat=job.chat, world=world)
+                              enable_packing=job.enable_packing, chat=job.chat, world=world,
+                              evaluation=job.evaluation, on_eval=on_eval)
 
 
 def _log_to_stderr(rank: int, verbose: bool) -> None:

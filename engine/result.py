@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
+from engine.eval_plan import EvalPoint
+
 
 class TrainingStatus(str, Enum):
     """How a job's training ended."""
@@ -31,7 +33,7 @@ class TrainingResult:
     final_loss: float | None  # the loss of the last optimizer step this call ran
     final_val_loss: float | None  # token-weighted mean over the validation examples
     trained_tokens: int  # non-pad input tokens of every micro-batch trained by this call
-    tokens_per_sec: float  # trained_tokens / wall time of the training loop
+    tokens_per_sec: float  # trained_tokens / train_s (the training loop's time, evaluations left out)
     num_examples: int
     num_train_examples: int
     num_val_examples: int
@@ -46,9 +48,14 @@ class TrainingResult:
     warnings: list[str] = field(default_factory=list)  # for the user: LR at 0, determinism not guaranteed, ...
     attention: str | None = None  # the attention path that ran (engine.attention.AttentionPath, or "model")
     loss_kernel: str | None = None  # the loss kernel that ran (engine.loss.LossKernel)
+    final_eval_loss: float | None = None  # the fixed eval set's loss at final_step (None: not evaluated there)
+    eval_history: list[EvalPoint] = field(default_factory=list)  # each evaluation of the fixed eval set, this job
+    train_s: float = 0.0  # the training loop's wall time, evaluations inside it left out (tokens_per_sec's base)
+    eval_s: float = 0.0  # every evaluation of this call: validation split, fixed set and probe answers
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data["loss_history"] = [list(p) for p in self.loss_history]
         data["val_history"] = [list(p) for p in self.val_history]
+        data["eval_history"] = [p.to_dict() for p in self.eval_history]
         return data

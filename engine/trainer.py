@@ -13,6 +13,7 @@ written by rank 0); without one, none of it runs.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import os
@@ -41,9 +42,11 @@ from engine.checkpoint import (
     restore_rng,
     save_checkpoint,
 )
-from engine.data_parallel import DataParallel, StepCounts, World, seed_rank
+from engine.data_parallel import DataParallel, StepCounts, World, beating, seed_rank
 from engine.dataset import PreparedDataset, prepare_dataset
 from engine.errors import DatasetInvalid, ModelLoadError
+from engine.eval_plan import EvalPoint, EvalSpec
+from engine.evaluation import Evaluator, loss_over, rows_per_batch
 from engine.formats import DatasetError, Example, read_examples
 from engine.loss import choose_loss_kernel, loss_sum
 from engine.model import autocast_for, build_optimizer, compile_layers, load_model, set_activation_checkpointing
@@ -56,9 +59,11 @@ from engine.stepping import PendingStep, RngState, apply_update, not_finite_flag
 logger = logging.getLogger(__name__)
 
 ProgressCallback = Callable[[int, int, float, float, float, float], None]
+EvalCallback = Callable[[EvalPoint], None]
 Dataset = str | os.PathLike | Sequence[Example] | PreparedDataset
 
 _PREPARED_CACHE_SIZE = 3  # the running job's data, the next job's, and one spare
+_EVALUATOR_CACHE_SIZE = 2  # a campaign's eval set, and the one it was replaced with
 
 
 class TrainerEngine:
@@ -80,6 +85,7 @@ class TrainerEngine:
         self._tokenize_lock = threading.Lock()  # a Rust tokenizer must not be driven from two threads at once
         self._tokenizers: dict[str, Any] = {}
         self._prepared: dict[tuple, Future] = {}
+        self._evaluators: dict[tuple, Evaluator] = {}
         # The warm model: valid to reuse only while it equals the checkpoint named by _warm_checkpoint.
         self._model = None
         self._optimizer: torch.optim.Optimizer | None = None
@@ -191,6 +197,8 @@ class TrainerEngine:
         enable_packing: bool | None = None,
         chat: ChatOptions | None = None,
         world: World | None = None,
+        evaluation: EvalSpec | None = None,
+        on_eval: EvalCallback | None = None,
     ) -> TrainingResult:
         """Train one job and return its result.
 
@@ -213,6 +221,11 @@ class TrainerEngine:
             chat: the hero's chat options, see :meth:`prepare`.
             world: this process's rank in a data-parallel gang (:mod:`engine.ranks` runs it); every rank calls
                 run_job with the same arguments. None: one process, as always.
+            evaluation: a fixed eval set (a campaign's): evaluated, its probes answered, every ``eval_steps`` steps
+                and at the end of a completed job (and before the first step when ``at_start``), beside the job's
+                own validation split. Evaluation time is counted apart: ``tokens_per_sec`` is over training time.
+                With a ``world``, every rank evaluates the whole set alike (see :meth:`_evaluate`).
+            on_eval: ``on_eval(point)`` after each evaluation of ``evaluation``, in the training thread.
 
         Returns:
             The result; status "completed", "stopped" or "failed" (non-finite loss). ``warnings`` lists what the
@@ -222,6 +235,7 @@ class TrainerEngine:
             DatasetInvalid: the data cannot be trained on (the caller skips the job).
             ModelLoadError: the model or tokenizer cannot be loaded.
             CheckpointError: ``resume_from`` is not a complete, readable checkpoint.
+            EvalSetInvalid, EvalSetTooLarge: ``evaluation`` cannot be evaluated here, or is over its token budget.
             AttentionConfigError: the attention or loss configuration cannot run here, or would let packed
                 examples see each other.
         """
@@ -234,6 +248,7 @@ class TrainerEngine:
 
         # ---- data: prepared ahead by prepare(), or now --------------------------------------------------------
         data = self.prepare(dataset, config, model_path=model_path, enable_packing=enable_packing, chat=chat)
+        evaluator = self._evaluator(evaluation, str(model_path), chat) if evaluation is not None else None
         order = DataOrder(len(data.rows), hp.batch_size, hp.seed, shuffle=config.data.shuffle)
         ga = hp.gradient_accumulation_steps  # micro-batches of one step on this rank
         step_micro = ga * ranks  # ... and over all ranks: what a step consumes, whatever the width
@@ -248,12 +263,16 @@ class TrainerEngine:
         resumed = read_checkpoint_state(resume_from) if resume_from is not None else None
         global_step = resumed["global_step"] if resumed else 0
         job_step, job_start, loss_history, val_history = 0, global_step, [], []
+        eval_history: list[EvalPoint] = []
+        own_resume = False
         if resumed and resumed.get("run_id") == run_id:
             if resumed.get("position", {}).get("data_fingerprint") == data.fingerprint:
                 # The same job after a crash or a stop: continue its data where it was.
+                own_resume = True
                 job_step, job_start = resumed["job_step"], resumed["job_start_step"]
                 loss_history = [tuple(p) for p in resumed.get("loss_history", [])]
                 val_history = [tuple(p) for p in resumed.get("val_history", [])]
+                eval_history = [EvalPoint.from_dict(p) for p in resumed.get("eval_history", [])]
             else:
                 logger.warning(
                     "run %s resumes from %s but its data changed; its data starts again from the beginning",
@@ -276,6 +295,11 @@ class TrainerEngine:
         )
         if not install(model, packed=data.packed):
             path = None  # the model's own attention, on unpacked rows
+        if self.compile and path is AttentionPath.PER_DOCUMENT:
+            warnings.append(
+                "hyperparams.attention=per_document slices rows at each example's length, so compiled layers "
+                "recompile for new lengths; with TrainerEngine(compile=True) use hyperparams.attention=auto"
+            )
         kernel = choose_loss_kernel(hp.loss_kernel, self.device)
         logger.info(
             "run %s: steps %d -> %d (job step %d), %d train rows, %d val examples, attention %s, cross-entropy %s, "
@@ -329,6 +353,7 @@ class TrainerEngine:
                 "model_path": str(model_path),
                 "loss_history": loss_history,
                 "val_history": val_history,
+                "eval_history": [p.to_dict(answers=False) for p in eval_history],
                 "saved_at": time.time(),
             }
 
@@ -346,6 +371,50 @@ class TrainerEngine:
 
         def validate() -> float:
             return self._evaluate(model, data, hp.batch_size, autocast, path, static)
+
+        # ---- evaluation: the job's own validation split and the campaign's fixed set, timed apart -------------
+        eval_cost = {"in_loop_s": 0.0, "total_s": 0.0, "count": 0}
+        if evaluator is not None:
+            eval_rows = rows_per_batch(hp.batch_size, data.row_length, evaluator.data.row_length)
+            eval_shape = (evaluator.data.row_length, eval_rows) if static else (None, None)
+
+            def eval_batch(rows, examples) -> Batch:
+                return self._batch(rows, examples, range(len(rows)), evaluator.data.pad_id, path, *eval_shape)
+
+        def run_evaluations(step: int, job_split: bool, in_loop: bool) -> float | None:
+            """Validate on the job's split (``job_split``) and evaluate the campaign's set; the split's loss."""
+            # A rank beats meanwhile: an evaluation is no step, and the gang's watchdog wants a word per step.
+            with beating(world.beat) if world is not None else contextlib.nullcontext():
+                return evaluate_now(step, job_split, in_loop)
+
+        def evaluate_now(step: int, job_split: bool, in_loop: bool) -> float | None:
+            started = time.perf_counter()
+            val_loss = None
+            if job_split and data.val:
+                val_loss = validate()
+            if evaluator is not None:
+                # With a world every rank evaluates the whole set alike (the loss through the DDP/FSDP wrapper, the
+                # probes on the full weights): the same point on every rank; rank 0's is the one reported.
+                point = evaluator.evaluate(model, step, make_batch=eval_batch, per_batch=eval_rows,
+                                           device=self.device, autocast=autocast, loss_fn=self._loss_fn,
+                                           full_weights=self._parallel.full_weights if self._parallel else None)
+                eval_history.append(point)
+                logger.info("run %s step %d eval loss %.4f (%d examples, %d loss tokens, %.2f s)", run_id, step,
+                            point.loss, point.num_examples, point.num_loss_tokens, point.seconds)
+                if on_eval is not None:
+                    on_eval(point)
+            spent = time.perf_counter() - started
+            eval_cost["total_s"] += spent
+            eval_cost["count"] += 1
+            if in_loop:
+                eval_cost["in_loop_s"] += spent
+            return val_loss
+
+        def evaluations_left(after_step: int) -> int:
+            if evaluator is None and not data.val:
+                return 0
+            periodic = 0 if hp.eval_steps <= 0 else (end_step - 1) // hp.eval_steps - after_step // hp.eval_steps
+            return max(periodic, 0) + 1
 
         def build(step: int) -> list[Batch]:
             """This rank's micro-batches of job step ``step`` (runs on the prefetch thread)."""
@@ -366,9 +435,7 @@ class TrainerEngine:
         trained_tokens = 0
         log_every = 1 if self.verbose else max(1, (end_step - global_step) // 10)
         pending: PendingStep | None = None
-        prefetch = BatchPrefetcher(
-            build, job_step, job_step + end_step - global_step, pin=self.device.type == "cuda"
-        )
+        prefetch = BatchPrefetcher(build, job_step, job_step + end_step - global_step, pin=self.device.type == "cuda")
 
         def report(done: PendingStep) -> bool:
             """Read a step's loss back; record and report it. False when it was not finite (then it was skipped
@@ -386,9 +453,12 @@ class TrainerEngine:
                 return False
             trained_tokens += done.num_tokens
             loss_history.append((done.step, loss_value))
-            elapsed = done.applied_at - loop_start
+            # Training time only: evaluations inside the loop are timed apart (eval_cost) and left out.
+            elapsed = done.applied_at - loop_start - eval_cost["in_loop_s"]
             tokens_per_sec = trained_tokens / elapsed if elapsed > 0 else 0.0
             eta_s = (end_step - done.step) * elapsed / (done.step - start_step)
+            if eval_cost["count"]:
+                eta_s += evaluations_left(done.step) * eval_cost["total_s"] / eval_cost["count"]
             if on_progress is not None:
                 on_progress(done.step, end_step, loss_value, done.lr, tokens_per_sec, eta_s)
             if done.step % log_every == 0 or done.step == end_step:
@@ -403,6 +473,10 @@ class TrainerEngine:
                     eta_s,
                 )
             return True
+
+        # A new campaign, or the first job on a newly set eval set: its baseline, before the first step.
+        if evaluator is not None and evaluation.at_start and not own_resume and global_step < end_step:
+            run_evaluations(global_step, job_split=False, in_loop=False)
 
         # ---- the loop ---------------------------------------------------------------------------------------
         # Each pass computes step N+1's gradients, then reports step N (whose figures are ready by then), asks
@@ -458,9 +532,11 @@ class TrainerEngine:
                     if not ok:
                         global_step, job_step = global_step - 1, job_step - 1
                         break
-                    if evaluate and data.val:
-                        val_history.append((global_step, validate()))
-                        logger.info("run %s step %d val loss %.4f", run_id, global_step, val_history[-1][1])
+                    if evaluate and (data.val or evaluator is not None):
+                        val_loss = run_evaluations(global_step, job_split=True, in_loop=True)
+                        if val_loss is not None:
+                            val_history.append((global_step, val_loss))
+                            logger.info("run %s step %d val loss %.4f", run_id, global_step, val_loss)
                     if checkpoint:
                         last_checkpoint = save()
             loop_end = time.perf_counter()
@@ -469,9 +545,9 @@ class TrainerEngine:
             # A stopped job saves at once (it is being preempted or cancelled; it validates when it completes).
             # A failed one saves nothing: its last good checkpoint stays the latest.
             final_val_loss = None
-            if status == TrainingStatus.COMPLETED and data.val:
-                final_val_loss = validate()
-                if global_step > start_step:
+            if status == TrainingStatus.COMPLETED and (data.val or evaluator is not None):
+                final_val_loss = run_evaluations(global_step, job_split=True, in_loop=False)
+                if global_step > start_step and final_val_loss is not None:
                     val_history.append((global_step, final_val_loss))
             if status == TrainingStatus.FAILED:
                 self._forget_warm()
@@ -484,7 +560,8 @@ class TrainerEngine:
         finally:
             prefetch.close()
 
-        loop_s = loop_end - loop_start
+        train_s = loop_end - loop_start - eval_cost["in_loop_s"]
+        final_eval = eval_history[-1] if eval_history and eval_history[-1].step == global_step else None
         return TrainingResult(
             status=status.value,
             start_step=start_step,
@@ -493,7 +570,7 @@ class TrainerEngine:
             final_loss=loss_history[-1][1] if global_step > start_step else None,
             final_val_loss=final_val_loss,
             trained_tokens=trained_tokens,
-            tokens_per_sec=trained_tokens / loop_s if loop_s > 0 else 0.0,
+            tokens_per_sec=trained_tokens / train_s if train_s > 0 else 0.0,
             num_examples=data.num_examples,
             num_train_examples=len(data.train),
             num_val_examples=len(data.val),
@@ -508,6 +585,10 @@ class TrainerEngine:
             warnings=warnings,
             attention=path.value if path else "model",
             loss_kernel=kernel.value,
+            final_eval_loss=final_eval.loss if final_eval is not None else None,
+            eval_history=list(eval_history),
+            train_s=train_s,
+            eval_s=eval_cost["total_s"],
         )
 
     # ------------------------------------------------------------------------------------------- internals
@@ -540,7 +621,10 @@ class TrainerEngine:
         batch = collate([rows[r] for r in picked], examples, pad_id, length, num_rows)
         if path is not None:
             batch.layout = layout_for(
-                path, batch.documents, batch.input_ids.shape[1], batch.example_index,
+                path,
+                batch.documents,
+                batch.input_ids.shape[1],
+                batch.example_index,
                 compiled=path is AttentionPath.FLEX,
             )
         return batch
@@ -591,21 +675,37 @@ class TrainerEngine:
 
     def _evaluate(self, model, data: PreparedDataset, batch_size: int, autocast, path, static: bool) -> float:
         """Token-weighted mean loss over the validation examples (in batches of the training shape if ``static``)."""
-        model.eval()
-        total = torch.zeros((), dtype=torch.float64, device=self.device)
-        count = 0
-        try:
-            with torch.no_grad():
-                for i in range(0, len(data.val_rows), batch_size):
-                    picked = range(i, min(i + batch_size, len(data.val_rows)))
-                    shape = (data.row_length, batch_size) if static else (None, None)
-                    batch = self._batch(data.val_rows, data.val, picked, data.pad_id, path, *shape).to(self.device)
-                    with autocast:
-                        total += self._loss_fn(model, batch).double()
-                    count += batch.num_loss_tokens
-        finally:
-            model.train()
-        return total.item() / count
+        shape = (data.row_length, batch_size) if static else (None, None)
+
+        def make_batch(rows, examples) -> Batch:
+            return self._batch(rows, examples, range(len(rows)), data.pad_id, path, *shape)
+
+        total, count = loss_over(model, data.val_rows, data.val, per_batch=batch_size, make_batch=make_batch,
+                                 device=self.device, autocast=autocast, loss_fn=self._loss_fn)
+        return total / count
+
+    def _evaluator(self, spec: EvalSpec, model_path: str, chat: ChatOptions | None) -> Evaluator:
+        """The evaluator of ``spec`` for this model's tokenizer: built once, kept while the set is in use.
+
+        Raises:
+            EvalSetInvalid, EvalSetTooLarge: see :meth:`engine.evaluation.Evaluator.build`.
+        """
+        key = (dataclasses.replace(spec, at_start=False), model_path, chat)
+        with self._lock:
+            cached = self._evaluators.get(key)
+        if cached is not None:
+            return cached
+        tokenizer = self._tokenizer(model_path)
+        with self._tokenize_lock:
+            evaluator = Evaluator.build(spec, tokenizer, chat)
+        logger.info("eval set %s: %d examples, %d tokens (%d carry loss) at max_length %d, %d probes", spec.name[:12],
+                    len(evaluator.data.examples), evaluator.data.num_tokens, evaluator.data.num_loss_tokens,
+                    spec.max_length, len(spec.probes))
+        with self._lock:
+            self._evaluators[key] = evaluator
+            while len(self._evaluators) > _EVALUATOR_CACHE_SIZE:
+                self._evaluators.pop(next(iter(self._evaluators)))
+        return evaluator
 
 
 def _read_dataset(dataset: Dataset) -> Sequence[Example]:

@@ -36,6 +36,8 @@ class TruncationReport:
             estimated from those).
         suggested_max_length: a ``max_length`` that fits the longest example (a power of two, at most the
             model's context length when known), or None when nothing is cut.
+        tokens_kept: tokens left after the cut, summed over the examples that keep a reply: what one pass over the
+            dataset trains on (validation examples included).
     """
 
     max_length: int
@@ -46,6 +48,7 @@ class TruncationReport:
     counted: bool
     exact: bool
     suggested_max_length: int | None
+    tokens_kept: int = 0
 
     @property
     def message(self) -> str:
@@ -119,6 +122,7 @@ def truncation_report(
         counted=True,
         exact=tokenized.tokens_cut_exact and len(sample) == len(examples),
         suggested_max_length=_suggest(tokenized.longest, context_length) if num_over else None,
+        tokens_kept=round(sum(len(e) for e in tokenized.examples) * scale),
     )
 
 
@@ -144,6 +148,7 @@ def _estimate(examples: Sequence[Example], max_length: int, context_length: int 
         counted=False,
         exact=False,
         suggested_max_length=_suggest(max(over), context_length) if over else None,
+        tokens_kept=sum(min(n, max_length) for n in lengths),
     )
 
 

@@ -9,7 +9,7 @@ A profile is a YAML file in ``heroes/`` (or in ``$GUILD_HOME/heroes`` for local 
     #   for memory estimates before anything loads (heroes.memory)
     training_defaults: {hyperparams: {...}, data: {...}, ...}     # the "hero" config layer
     chat: {template: chatml | model, thinking: keep | strip}             # see CHAT_KEYS
-    throughput: {cpu_tokens_per_sec, gpu_tokens_per_sec}          # for ETAs in `jobs plan`
+    throughput: {cpu_tokens_per_sec, gpu_tokens_per_sec}          # ETA fallback until a job is measured
 """
 
 from __future__ import annotations

@@ -23,10 +23,9 @@ def build_parser() -> argparse.ArgumentParser:
     watch = sub.add_parser("watch", help="a live progress bar until the job ends")
     watch.add_argument("id")
     watch.add_argument("--timeout", type=float, default=None, help="give up after this many seconds")
-    plan = sub.add_parser("plan", help="the queue in the order workers will take it, with ETAs")
+    plan = sub.add_parser("plan", help="the queue in the order workers will take it, with ETAs from the live workers, "
+                                       "running jobs, campaign order and measured speeds")
     plan.add_argument("--json", action="store_true")
-    plan.add_argument("--workers", type=int, default=1, help="how many workers share the queue (for the ETA)")
-    plan.add_argument("--gpu", action="store_true", help="use the heroes' GPU throughput for ETAs")
     cancel = sub.add_parser("cancel", help="cancel a queued or running job")
     cancel.add_argument("id")
     pause = sub.add_parser("pause", help="stop consuming; running jobs checkpoint and go back to their queue")
@@ -65,17 +64,23 @@ def _run(args, store) -> int:
 
     if args.command == "list":
         jobs = store.list(status=args.status)
-        print(json.dumps([j.to_dict() for j in jobs], indent=2) if args.json else job_table(jobs))
+        waits = store.waits([j.id for j in jobs if j.status.value == "queued"])
+        if args.json:
+            print(json.dumps([{**j.to_dict(), "waiting": waits[j.id].to_dict() if j.id in waits else None}
+                              for j in jobs], indent=2))
+        else:
+            print(job_table(jobs, waits))
         return 0
     if args.command == "show":
         job = store.get(args.id)
+        wait = store.runtime(job.id).waiting
         if args.json:
-            data = job.to_dict()
+            data = {**job.to_dict(), "waiting": wait.to_dict() if wait else None}
             if args.history:
                 data["history"] = store.history(job.id)
             print(json.dumps(data, indent=2))
         else:
-            print(job_view(job, plan=True))
+            print(job_view(job, plan=True, wait=wait))
             if args.history:
                 for h in store.history(job.id):
                     print(f"  {h['at']}  {h.get('from') or '-'} → {h['to']}  {h.get('reason', '')}")
@@ -87,19 +92,11 @@ def _run(args, store) -> int:
         return watch_jobs(store, [args.id], timeout_s=args.timeout)
     if args.command == "plan":
         from config.settings import get_settings
-        from jobs.queue_plan import build_plan, hero_throughput
+        from jobs.cli_format import plan_text
+        from jobs.queue_plan import build_plan
 
-        plan = build_plan(store, hero_throughput(get_settings().guild_home, args.gpu), args.workers)
-        if args.json:
-            print(json.dumps(plan, indent=2))
-        else:
-            print(f"{'#':>4}  {'ID':48} {'PRIO':7} {'EXAMPLES':>8} {'TOKENS':>10} {'ETA':>10}")
-            for n, j in enumerate(plan["jobs"], 1):
-                print(f"{n:>4}  {j['id'][:48]:48} {j['priority']:7} {j['num_examples']:>8} "
-                      f"{j['estimated_tokens']:>10} {j['eta_s']:>9.0f}s")
-            t = plan["totals"]
-            print(f"total: {t['jobs']} jobs, {t['num_examples']} examples, {t['estimated_tokens']} tokens, "
-                  f"done in about {t['eta_s']:.0f} s")
+        plan = build_plan(store, get_settings())
+        print(json.dumps(plan, indent=2) if args.json else plan_text(plan))
         return 0
     if args.command in ("pause", "resume"):
         from jobs.control import pause_workers, resume_workers

@@ -1,8 +1,8 @@
 """Steering jobs and workers: cancel, retry, pause, resume, preempt.
 
 Pausing also needs Celery's remote control (stop or start consuming a queue): the caller passes ``consumers``,
-anything with ``cancel_consumer(queue, destination=..., reply=...)`` and ``add_consumer(...)`` (``app.control``),
-so this package never imports Celery.
+anything with ``cancel_consumer(queue, destination=..., reply=...)`` and ``broadcast(command, arguments=...,
+destination=..., reply=...)`` (``app.control``), so this package never imports Celery.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 from jobs.errors import IllegalTransition
 from jobs.job import Job, JobStatus, StopReason, utc_now
 from jobs.publisher import Publisher
-from jobs.queues import PRIORITIES
+from jobs.queues import CONSUME_IN_ORDER_COMMAND, PRIORITIES
 
 
 def cancel_job(store, job_id: str) -> str:
@@ -78,8 +78,13 @@ def pause_workers(consumers, store, worker: str | None) -> list[str]:
 
 
 def resume_workers(consumers, store, worker: str | None) -> None:
-    """Start consuming again, in strict order high, normal, low."""
+    """Start consuming again, in strict order high, normal, low.
+
+    One command that the worker runs as one step (``tasks.queue_order``), not one ``add_consumer`` per queue: the
+    worker runs remote-control commands read together in any order, and the order it consumes in is the order
+    queues were added.
+    """
     destination = [worker] if worker else None
-    for queue in PRIORITIES:
-        consumers.add_consumer(queue, destination=destination, reply=False)
+    consumers.broadcast(CONSUME_IN_ORDER_COMMAND, arguments={"queues": list(PRIORITIES)}, destination=destination,
+                        reply=False)
     store.resume_workers([worker] if worker else None)

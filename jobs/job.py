@@ -129,15 +129,20 @@ class Job:
     final_step: int | None = None
     final_loss: float | None = None
     final_val_loss: float | None = None
+    final_eval_loss: float | None = None  # the campaign's eval set at final_step (campaigns.eval_set)
     last_error: str | None = None
     num_examples: int = 0
     estimated_tokens: int = 0
     config_hash: str | None = None
     git_commit: str | None = None
     trained_tokens: int | None = None
-    tokens_per_sec: float | None = None
+    tokens_per_sec: float | None = None  # over train_s: evaluation time is left out
+    train_s: float | None = None  # the training loop's wall time, evaluations excluded
+    eval_s: float | None = None  # time spent evaluating (validation split, eval set, probe answers)
     progress: dict[str, Any] | None = None
     artifacts: dict[str, str] = field(default_factory=dict)  # files a finished job produced (loss_plot, ...)
+    # what it trains, counted at enqueue (jobs.workload.Workload.to_dict: truncation, tokens, steps); ETAs use it
+    workload: dict[str, Any] | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
     plan: JobPlan | None = None  # what it trains, resolved once at enqueue (None only for hand-made records)
 

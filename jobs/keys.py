@@ -12,6 +12,7 @@ JOBS_ALL = PREFIX + "jobs:all"                  # zset: id → created_at (epoch
 JOBS_BY_STATUS = PREFIX + "jobs:status:{status}"  # set of ids
 JOBS_QUEUED = PREFIX + "jobs:queued"            # zset: id → priority rank * 1e12 + sequence (the order workers take)
 JOBS_UNPUBLISHED = PREFIX + "jobs:unpublished"  # zset: id → epoch seconds; created, message not known to be sent
+JOBS_WAITING = PREFIX + "jobs:waiting"          # zset: id → epoch seconds it may go (backoff) or +inf (campaign)
 JOBS_SUMMARY = PREFIX + "jobs:summary"          # hash: id → JSON of the fields `jobs plan` needs (never change)
 JOB_SEQ = PREFIX + "jobs:seq"                   # counter: enqueue order
 DATASET_OWNER = PREFIX + "dataset:{sha}"        # set of job ids holding this content (duplicate detection)
@@ -19,6 +20,7 @@ CAMPAIGN_LOCK = PREFIX + "campaign:{id}:lock"   # string: holder token, with a l
 CAMPAIGN_PENDING = PREFIX + "campaign:{id}:pending"  # zset of queued/processing jobs of a campaign, queue order
 CONTROL_PAUSED = PREFIX + "control:paused"      # set of paused worker names
 WORKERS = PREFIX + "workers"                    # hash: worker name → epoch seconds of its last sign of life
+SPEEDS = PREFIX + "speeds:{hero}:{kind}"        # list of JSON speed samples of completed jobs, newest first
 DEAD_LETTERS = PREFIX + "dead-letters"          # list of JSON records of messages no worker could run
 
 PRIORITY_SCORE_SCALE = 10**12
@@ -33,6 +35,7 @@ TYPES = {
     JOBS_BY_STATUS.format(status="*"): "set",
     JOBS_QUEUED: "zset",
     JOBS_UNPUBLISHED: "zset",
+    JOBS_WAITING: "zset",
     JOBS_SUMMARY: "hash",
     JOB_SEQ: "string",
     DATASET_OWNER.format(sha="*"): "set",
@@ -41,4 +44,5 @@ TYPES = {
     CONTROL_PAUSED: "set",
     WORKERS: "hash",
     DEAD_LETTERS: "list",
+    SPEEDS.format(hero="*", kind="*"): "list",
 }

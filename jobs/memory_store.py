@@ -30,7 +30,9 @@ from jobs.records import (
     ServerHealth,
 )
 from jobs.retry import Action, RetryPolicy
+from jobs.speeds import SAMPLES_KEPT, SpeedSample, device_kind, sample_of
 from jobs.store import LIVE_STATUSES, RUNTIME_FIELDS, _check_owner, history_record, queue_score
+from jobs.waiting import Wait, WaitKind
 
 logger = logging.getLogger(__name__)
 DEAD_LETTERS_KEPT = 1000
@@ -49,6 +51,8 @@ class MemoryJobStore:
         self._created: dict[str, float] = {}
         self._owners: dict[str, set[str]] = {}
         self._unpublished: dict[str, float] = {}
+        self._waiting: dict[str, Wait] = {}  # parked jobs
+        self._speeds: dict[tuple[str, str], list[SpeedSample]] = {}  # (hero, device kind) → newest first
         self._locks: dict[str, tuple[str, float]] = {}  # campaign → (token, expires at)
         self._workers: dict[str, float] = {}
         self._paused: set[str] = set()
@@ -96,7 +100,7 @@ class MemoryJobStore:
             job = self._jobs.pop(job_id, None)
             if job is None:
                 return
-            for table in (self._runtime, self._history, self._created, self._unpublished):
+            for table in (self._runtime, self._history, self._created, self._unpublished, self._waiting):
                 table.pop(job_id, None)
             self._owners.get(job.metadata.get("dataset_sha256", ""), set()).discard(job_id)
 
@@ -120,8 +124,11 @@ class MemoryJobStore:
         with self._lock:
             values = dict(self._runtime.get(job_id, {}))
         stop = values.get("stop_request")
-        return JobRuntime(**{k: values.get(k) for k in RUNTIME_FIELDS if k != "stop_request"},
-                          stop_request=StopReason(stop) if stop else None)
+        return JobRuntime(**{k: values.get(k) for k in RUNTIME_FIELDS if k not in ("stop_request", "waiting")},
+                          stop_request=StopReason(stop) if stop else None, waiting=values.get("waiting"))
+
+    def runtimes(self, ids: list[str]) -> dict[str, JobRuntime]:
+        return {job_id: self.runtime(job_id) for job_id in ids}
 
     def exists(self, job_id: str) -> bool:
         return job_id in self._jobs
@@ -180,8 +187,17 @@ class MemoryJobStore:
             if update is not None:
                 changes.update(update(copy.deepcopy(job)))
             changes["status"] = target
+            changes["waiting"] = None
             record = history_record(job_id, job.status, target, reason, changes)
             source = job.status
+            self._waiting.pop(job_id, None)
+            if target == JobStatus.COMPLETED:
+                sample = sample_of(job_id, job.started_at, changes.get("finished_at"), changes.get("trained_tokens"),
+                                   changes.get("tokens_per_sec"))
+                if sample is not None:
+                    kept = self._speeds.setdefault((job.hero_id, device_kind(self._runtime[job_id].get("worker"))), [])
+                    kept.insert(0, sample)
+                    del kept[SAMPLES_KEPT:]
             self._apply(job_id, changes)
             self._history[job_id].append(record)
             result = copy.deepcopy(self._jobs[job_id])
@@ -196,6 +212,10 @@ class MemoryJobStore:
                 self._runtime[job_id][k] = v.value if isinstance(v, StopReason) else v
             elif k in FIELDS:
                 setattr(job, k, copy.deepcopy(v))
+
+    def speed_samples(self, hero_id: str, kind: str) -> list[SpeedSample]:
+        with self._lock:
+            return list(self._speeds.get((hero_id, kind), []))
 
     def claim(self, job_id: str, worker: str, *, token: str | None = None,
               stale_after_s: float = DEFAULT_HEARTBEAT_STALE_S,
@@ -339,6 +359,52 @@ class MemoryJobStore:
     def campaign_locks(self) -> dict[str, str]:
         with self._lock:
             return {c: self._locks[c][0] for c in list(self._locks) if self._live_lock(c) is not None}
+
+    # ------------------------------------------------------------------------------------ waiting (parked) jobs
+
+    def park(self, job_id: str, wait: Wait) -> bool:
+        with self._lock:
+            job = self._jobs.get(job_id)
+            if job is None or job.status != JobStatus.QUEUED:
+                return False
+            if wait.kind is WaitKind.CAMPAIGN and self._live_lock(wait.campaign) is None and \
+                    self.campaign_head(wait.campaign) == job_id:
+                return False
+            self._waiting[job_id] = wait
+            self._runtime[job_id]["waiting"] = wait
+            return True
+
+    def wake_head(self, campaign_id: str) -> str | None:
+        with self._lock:
+            if self._live_lock(campaign_id) is not None:
+                return None
+            head = self.campaign_head(campaign_id)
+            wait = self._waiting.get(head) if head else None
+            if wait is None or (wait.kind is WaitKind.BACKOFF and (wait.until or 0) > self._clock()):
+                return None
+            self._unpark(head)
+            return head
+
+    def release_due(self) -> list[str]:
+        with self._lock:
+            due = sorted((w.until or 0, i) for i, w in self._waiting.items()
+                         if w.kind is WaitKind.BACKOFF and (w.until or 0) <= self._clock())
+            for _, job_id in due:
+                self._unpark(job_id)
+            return [i for _, i in due]
+
+    def _unpark(self, job_id: str) -> None:
+        del self._waiting[job_id]
+        self._runtime[job_id]["waiting"] = None
+        self._unpublished[job_id] = self._clock()
+
+    def waiting(self) -> dict[str, Wait]:
+        with self._lock:
+            return dict(self._waiting)
+
+    def waits(self, ids: list[str]) -> dict[str, Wait]:
+        with self._lock:
+            return {i: self._waiting[i] for i in ids if i in self._waiting}
 
     # ------------------------------------------------------------------------------------ workers and pausing
 

@@ -1,4 +1,5 @@
-"""Loss curves as PNG files: one job's train and validation loss, and a whole campaign's, by global step.
+"""Loss curves as PNG files: one job's train and validation loss, and a whole campaign's (with its eval set's loss),
+by global step.
 
 matplotlib is imported inside the functions, never at module level, so that the CLIs that import this
 module stay light. Figures are drawn with matplotlib's object API on an Agg canvas: no display, no pyplot
@@ -8,6 +9,8 @@ Every file is written atomically: rendered into a temporary file beside it, then
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import math
 import os
@@ -22,6 +25,7 @@ FIGURE_DPI = 100  # 1000 x 500 pixels
 TRAIN_COLOR = "tab:blue"
 VAL_COLOR = "tab:orange"
 BOUNDARY_COLOR = "0.6"  # matplotlib grey level
+EVAL_COLORS = ("tab:green", "tab:purple", "tab:red", "tab:brown")  # one per eval set a campaign had
 
 Points = Sequence[Sequence[float]]  # [(global step, loss), ...]; JSON gives lists of two numbers
 
@@ -44,35 +48,75 @@ def write_loss_plot(path: Path, train: Points, val: Points, title: str) -> Path:
     return _save_atomically(figure, Path(path))
 
 
+def campaign_plot_data(jobs: Iterable[dict]) -> dict:
+    """What a campaign's plot shows, as data: every series against the global step, and where jobs hand over.
+
+    Args:
+        jobs: the campaign's jobs in training order, each a dict with ``id`` and its histories as stored in the
+            job's metadata: ``loss_history`` and ``val_history`` (``[[global_step, loss], ...]``) and
+            ``eval_history`` (``[{"step", "loss", "eval_set", ...}, ...]``: the campaign's eval set); a job without
+            any history is left out.
+
+    Returns:
+        ``{"jobs": [{"id", "first_step", "last_step"}], "boundaries": [step, ...], "series": {name: [[step, loss],
+        ...]}}``. Series: ``train``, ``validation`` (each job's own split) and ``eval <sha12>`` (the campaign's eval
+        set, one series per set, across jobs). A boundary is the step where a job took over (the previous job's
+        last step).
+    """
+    kept = [j for j in jobs if j.get("loss_history") or j.get("val_history") or j.get("eval_history")]
+    series: dict[str, list[list[float]]] = {"train": [], "validation": []}
+    spans, boundaries = [], []
+    for job in kept:
+        train = [[p[0], p[1]] for p in job.get("loss_history") or []]
+        val = [[p[0], p[1]] for p in job.get("val_history") or []]
+        evals = job.get("eval_history") or []
+        steps = [p[0] for p in [*train, *val]] + [p["step"] for p in evals]
+        if spans:
+            boundaries.append(spans[-1]["last_step"])
+        spans.append({"id": job.get("id"), "first_step": min(steps), "last_step": max(steps)})
+        series["train"] += train
+        series["validation"] += val
+        for point in evals:
+            series.setdefault(f"eval {str(point.get('eval_set', ''))[:12]}", []).append([point["step"], point["loss"]])
+    return {"jobs": spans, "boundaries": boundaries, "series": series}
+
+
 def write_campaign_plot(path: Path, jobs: Iterable[dict], title: str | None = None) -> Path:
-    """Plot the cumulative loss of a campaign's jobs, with a faint vertical line where each job hands over.
+    """Plot a campaign's train loss, each job's validation loss and the campaign's eval set loss against the global
+    step, across all its jobs, with a faint vertical line where each job hands over.
+
+    The data drawn is written beside the PNG (``campaign.json`` for ``campaign.png``; see
+    :func:`campaign_plot_data`).
 
     Args:
         path: the PNG to write (its folder is created; an existing file is replaced atomically).
-        jobs: the campaign's jobs in training order, each a dict with ``id``, ``loss_history`` and
-            ``val_history`` (``[[global_step, loss], ...]``, as stored in the job's metadata); a job without
-            history is left out.
+        jobs: see :func:`campaign_plot_data`.
         title: the figure's title; default ``campaign loss (N jobs)``.
 
     Returns:
         ``path``.
     """
-    jobs = [j for j in jobs if j.get("loss_history") or j.get("val_history")]
-    figure, axes = _new_figure(title or f"campaign loss ({len(jobs)} job{'s' if len(jobs) != 1 else ''})")
+    data = campaign_plot_data(jobs)
+    n = len(data["jobs"])
+    figure, axes = _new_figure(title or f"campaign loss ({n} job{'s' if n != 1 else ''})")
+    for step in data["boundaries"]:
+        axes.axvline(step, color=BOUNDARY_COLOR, alpha=0.5, linewidth=0.8, linestyle="--", zorder=0)
     drawn = False
-    previous_end = None
-    for index, job in enumerate(jobs):
-        train, val = job.get("loss_history") or [], job.get("val_history") or []
-        if previous_end is not None:
-            # The boundary is where this job took over: the previous job's last step (= this job's start step).
-            axes.axvline(previous_end, color=BOUNDARY_COLOR, alpha=0.5, linewidth=0.8, linestyle="--", zorder=0)
-        previous_end = max(point[0] for point in [*train, *val])
-        first = index == 0  # one legend entry per series, not one per job
-        drawn |= _draw_series(axes, train, val, train_label="train" if first else None,
-                              val_label="validation" if first else None)
-    if len(jobs) > 1:
+    for span in data["jobs"]:  # one train line per job: no segment drawn across a boundary
+        inside = [p for p in data["series"]["train"] if span["first_step"] <= p[0] <= span["last_step"]]
+        drawn |= _draw_series(axes, inside, [], train_label="train" if span is data["jobs"][0] else None,
+                              val_label=None)
+    drawn |= _draw_series(axes, [], data["series"]["validation"], train_label=None, val_label="validation (job split)")
+    for index, (name, points) in enumerate(s for s in data["series"].items() if s[0].startswith("eval ")):
+        xs, ys = _finite(points)
+        if xs:
+            color = EVAL_COLORS[index % len(EVAL_COLORS)]
+            axes.plot(xs, ys, color=color, linewidth=1.8, marker="s", markersize=4, label=f"campaign {name}")
+            drawn = True
+    if len(data["jobs"]) > 1:
         axes.plot([], [], color=BOUNDARY_COLOR, linewidth=0.8, linestyle="--", label="job boundary")
     _finish_axes(axes, drawn)
+    _write_json_atomically(Path(path).with_suffix(".json"), data)
     return _save_atomically(figure, Path(path))
 
 
@@ -115,6 +159,21 @@ def _finish_axes(axes, drawn: bool) -> None:
         axes.legend(loc="upper right", fontsize=9)
     else:
         axes.text(0.5, 0.5, "no loss recorded", transform=axes.transAxes, ha="center", va="center", color="0.4")
+
+
+def _write_json_atomically(path: Path, data: dict) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(data, fh, indent=1)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return path
 
 
 def _save_atomically(figure, path: Path) -> Path:

@@ -2,6 +2,9 @@
 
 PRIORITIES = ("high", "normal", "low")  # also the Celery queue names, consumed strictly in this order
 PRIORITY_RANK = {name: rank for rank, name in enumerate(PRIORITIES)}
+# The worker's remote-control command that (re)starts consuming queues in a given order, as one step
+# (tasks/queue_order.py); `jobs resume` sends it.
+CONSUME_IN_ORDER_COMMAND = "guild_consume_in_order"
 # Every key Celery and kombu write (queue lists, unacked messages, bindings, results) starts with this (kombu's
 # global_keyprefix, celeryconfig.py), so no queue name a client picks can reach one of the job store's keys.
 CELERY_PREFIX = "guild-celery:"

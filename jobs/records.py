@@ -7,9 +7,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from jobs.job import StopReason
+from jobs.waiting import Wait
 
 # The fields `jobs plan` needs of every queued job, kept in one hash so 10,000 jobs are read in one round trip.
-SUMMARY_FIELDS = ("priority", "num_examples", "estimated_tokens", "hero_id", "campaign_id", "created_at")
+SUMMARY_FIELDS = ("priority", "num_examples", "estimated_tokens", "hero_id", "campaign_id", "created_at", "workload")
 
 
 @dataclass(frozen=True)
@@ -22,6 +23,7 @@ class JobRuntime:
         retry_at: epoch seconds before which a requeued job must not start again (backoff).
         claim: the token of the run that owns the job now; every write of a run carries it (a fencing token).
         stop_request: what an operator (or the queue) asked the running job to do at its next step.
+        waiting: why a queued job is parked (campaign order, retry backoff); None when it is not.
     """
 
     worker: str | None = None
@@ -29,6 +31,7 @@ class JobRuntime:
     retry_at: float | None = None
     claim: str | None = None
     stop_request: StopReason | None = None
+    waiting: Wait | None = None
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,19 @@ if ARGV[3] ~= '' then redis.call('HSET', KEYS[1], 'progress', ARGV[3]) end
 return {1, redis.call('HGET', KEYS[1], 'stop_request')}
 """
 
+# KEYS: the waiting zset, the job, the unpublished zset; ARGV: the job id, now. Takes a parked job out of the waiting
+# set and, only when it was there (one caller wins), clears its wait and marks it unpublished until its message is
+# sent (so a crash before the send is repaired by the sweep). Returns 1 when it was parked.
+UNPARK = """
+if redis.call('ZREM', KEYS[1], ARGV[1]) == 0 then return 0 end
+if redis.call('EXISTS', KEYS[2]) == 1 then
+  redis.call('HSET', KEYS[2], 'waiting', 'null')
+  redis.call('ZADD', KEYS[3], ARGV[2], ARGV[1])
+  return 1
+end
+return 0
+"""
+
 LOCK_RENEW = ("if redis.call('get', KEYS[1]) == ARGV[1] then "
                "return redis.call('pexpire', KEYS[1], ARGV[2]) else return 0 end")
 LOCK_RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end"

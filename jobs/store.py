@@ -40,11 +40,13 @@ from jobs.records import (
     ServerHealth,
 )
 from jobs.retry import Action, RetryPolicy
+from jobs.speeds import SAMPLES_KEPT, SpeedSample, device_kind, sample_of
+from jobs.waiting import Wait, WaitKind
 
 logger = logging.getLogger(__name__)
 
 # kept in the job's hash beside the Job fields, not part of the record
-RUNTIME_FIELDS = ("worker", "heartbeat_at", "retry_at", "claim", "stop_request")
+RUNTIME_FIELDS = ("worker", "heartbeat_at", "retry_at", "claim", "stop_request", "waiting")
 LIVE_STATUSES = (JobStatus.QUEUED, JobStatus.PROCESSING, JobStatus.COMPLETED)  # hold their content (duplicates)
 
 # Socket settings of the clients: a worker must never hang on a half-open connection (it would stop beating).
@@ -90,6 +92,8 @@ def expected_type(key: str) -> str | None:
         return "set"
     if key.startswith(keys.DATASET_OWNER.format(sha="")):
         return "set"
+    if key.startswith(keys.SPEEDS.format(hero="", kind="").rstrip(":")):
+        return "list"
     if key.startswith(keys.PREFIX + "campaign:"):
         return "string" if key.endswith(":lock") else "zset" if key.endswith(":pending") else None
     return keys.TYPES.get(key)
@@ -240,6 +244,7 @@ class JobStore:
                 {"zset": pipe.zrem, "set": pipe.srem, "hash": pipe.hdel}[kind](key, job.id)
             for status in JobStatus:
                 pipe.srem(keys.JOBS_BY_STATUS.format(status=status.value), job.id)
+            pipe.zrem(keys.JOBS_WAITING, job.id)
             pipe.execute(raise_on_error=False)
 
     def _live_owner(self, client, ids: Iterable[bytes]) -> str | None:
@@ -266,6 +271,14 @@ class JobStore:
         """The worker running the job, its last heartbeat (epoch seconds), its claim token and stop request."""
         values = self._redis.hmget(keys.JOB.format(id=job_id), *RUNTIME_FIELDS)
         return _runtime(dict(zip(RUNTIME_FIELDS, values)))
+
+    def runtimes(self, ids: list[str]) -> dict[str, JobRuntime]:
+        """The runtime fields of each of ``ids`` (one round trip)."""
+        with self._redis.pipeline(transaction=False) as pipe:
+            for job_id in ids:
+                pipe.hmget(keys.JOB.format(id=job_id), *RUNTIME_FIELDS)
+            rows = pipe.execute()
+        return {job_id: _runtime(dict(zip(RUNTIME_FIELDS, row))) for job_id, row in zip(ids, rows)}
 
     def exists(self, job_id: str) -> bool:
         return bool(self._redis.exists(keys.JOB.format(id=job_id)))
@@ -354,10 +367,14 @@ class JobStore:
                     if update is not None:
                         changes.update(update(job))
                     changes["status"] = target
+                    changes["waiting"] = None  # a status change ends any wait (a parked job is queued)
                     record = history_record(job_id, job.status, target, reason, changes)
                     ops = _Ops()
                     ops("hset", job_key, *_flat_mapping({k: _encode(v) for k, v in changes.items()}))
+                    ops("zrem", keys.JOBS_WAITING, job_id)
                     self._reindex(ops, job, target)
+                    if target == JobStatus.COMPLETED:
+                        self._record_speed(ops, job, data.get("worker"), changes)
                     ops("rpush", keys.JOB_HISTORY.format(id=job_id), json.dumps(record, default=str))
                     pipe.multi()
                     self._checked(pipe, ops)
@@ -384,6 +401,20 @@ class JobStore:
             ops("zadd", pending, score, job.id)
         else:
             ops("zrem", pending, job.id)
+
+    def _record_speed(self, ops: _Ops, job: Job, worker: str | None, changes: dict[str, Any]) -> None:
+        """A completed run's speed, kept with its completion (the newest SAMPLES_KEPT per hero and device)."""
+        sample = sample_of(job.id, job.started_at, changes.get("finished_at"), changes.get("trained_tokens"),
+                           changes.get("tokens_per_sec"))
+        if sample is not None:
+            key = keys.SPEEDS.format(hero=job.hero_id, kind=device_kind(worker))
+            ops("lpush", key, json.dumps(sample.to_dict()))
+            ops("ltrim", key, 0, SAMPLES_KEPT - 1)
+
+    def speed_samples(self, hero_id: str, kind: str) -> list[SpeedSample]:
+        """The newest speed samples of ``hero_id`` on workers of ``kind`` (``jobs.speeds.device_kind``)."""
+        raws = self._redis.lrange(keys.SPEEDS.format(hero=hero_id, kind=kind), 0, SAMPLES_KEPT - 1)
+        return [SpeedSample(**json.loads(r)) for r in raws]
 
     def claim(self, job_id: str, worker: str, *, token: str | None = None,
               stale_after_s: float = DEFAULT_HEARTBEAT_STALE_S,
@@ -533,14 +564,7 @@ class JobStore:
 
     def campaign_head(self, campaign_id: str) -> str | None:
         """The campaign's first queued job (the one that may start next), or None when none is queued."""
-        ids = self.campaign_pending(campaign_id)
-        if not ids:
-            return None
-        with self._redis.pipeline(transaction=False) as pipe:
-            for job_id in ids:
-                pipe.hget(keys.JOB.format(id=job_id), "status")
-            statuses = pipe.execute()
-        return next((i for i, s in zip(ids, statuses) if s and json.loads(s) == JobStatus.QUEUED.value), None)
+        return _campaign_head(self._redis, campaign_id)
 
     def acquire_campaign_lock(self, campaign_id: str, token: str, lease_s: float) -> bool:
         """Take the campaign's lease lock for ``token`` (False when someone else holds it)."""
@@ -569,6 +593,94 @@ class JobStore:
             if value is not None:
                 found[_text(key)[len(prefix):-len(suffix)]] = _text(value)
         return found
+
+    # ------------------------------------------------------------------------------------ waiting (parked) jobs
+
+    def park(self, job_id: str, wait: Wait) -> bool:
+        """Record that the queued ``job_id`` waits (its message is then dropped, not sent again).
+
+        Atomic with the campaign's state: a campaign wait is refused (False) when the job is, by now, the first
+        queued job of its campaign and nobody holds the campaign, so a job can never park just after the wake-up
+        meant for it; the caller then tries to start it at once. Also False when the job is no longer queued.
+        """
+        job_key = keys.JOB.format(id=job_id)
+        pending = keys.CAMPAIGN_PENDING.format(id=wait.campaign)
+        lock = keys.CAMPAIGN_LOCK.format(id=wait.campaign)
+        while True:
+            with self._redis.pipeline() as pipe:
+                try:
+                    pipe.watch(job_key, pending, lock)
+                    status = pipe.hget(job_key, "status")
+                    if status is None or json.loads(status) != JobStatus.QUEUED.value:
+                        pipe.unwatch()
+                        return False
+                    if wait.kind is WaitKind.CAMPAIGN and not pipe.exists(lock) and \
+                            _campaign_head(pipe, wait.campaign) == job_id:
+                        pipe.unwatch()
+                        return False
+                    ops = _Ops()
+                    ops("hset", job_key, "waiting", _encode(wait))
+                    ops("zadd", keys.JOBS_WAITING, _wake_score(wait), job_id)
+                    pipe.multi()
+                    self._checked(pipe, ops)
+                    self._run_checked(pipe)
+                    return True
+                except redis.WatchError:
+                    continue
+
+    def wake_head(self, campaign_id: str) -> str | None:
+        """When nobody holds ``campaign_id`` and its first queued job is parked (and not in a backoff), take it out
+        of the waiting set, marked unpublished, and return its id: the caller sends its message (then
+        ``mark_published``). None when there is nothing to wake."""
+        pending = keys.CAMPAIGN_PENDING.format(id=campaign_id)
+        lock = keys.CAMPAIGN_LOCK.format(id=campaign_id)
+        while True:
+            self._script("unpark", scripts.UNPARK)  # loaded before the MULTI that runs it
+            with self._redis.pipeline() as pipe:
+                try:
+                    pipe.watch(pending, lock)
+                    head = None if pipe.exists(lock) else _campaign_head(pipe, campaign_id)
+                    score = pipe.zscore(keys.JOBS_WAITING, head) if head else None
+                    if score is None or (score != float("inf") and score > self._clock()):
+                        pipe.unwatch()
+                        return None
+                    pipe.watch(keys.JOB.format(id=head))
+                    pipe.multi()
+                    self._unpark(pipe, head)
+                    woken = pipe.execute()[0]
+                    return head if woken else None
+                except redis.WatchError:
+                    continue
+                except redis.exceptions.NoScriptError:
+                    self._shas.pop("unpark", None)
+
+    def release_due(self) -> list[str]:
+        """Take every parked job whose backoff is over out of the waiting set, marked unpublished; returns their ids
+        (the caller sends their messages, then ``mark_published``)."""
+        ids = [_text(i) for i in self._redis.zrangebyscore(keys.JOBS_WAITING, "-inf", self._clock())]
+        released = []
+        for job_id in ids:
+            if self._eval("unpark", scripts.UNPARK, 3, keys.JOBS_WAITING, keys.JOB.format(id=job_id),
+                          keys.JOBS_UNPUBLISHED, job_id, self._clock()):
+                released.append(job_id)
+        return released
+
+    def _unpark(self, pipe, job_id: str) -> None:
+        pipe.evalsha(self._script("unpark", scripts.UNPARK), 3, keys.JOBS_WAITING, keys.JOB.format(id=job_id),
+                     keys.JOBS_UNPUBLISHED, job_id, self._clock())
+
+    def waiting(self) -> dict[str, Wait]:
+        """Every parked job and what it waits for."""
+        return self.waits([_text(i) for i in self._redis.zrange(keys.JOBS_WAITING, 0, -1)])
+
+    def waits(self, ids: list[str]) -> dict[str, Wait]:
+        """What each of ``ids`` waits for, for those that are parked (one round trip)."""
+        with self._redis.pipeline(transaction=False) as pipe:
+            for job_id in ids:
+                pipe.hget(keys.JOB.format(id=job_id), "waiting")
+            raws = pipe.execute()
+        found = {job_id: Wait.from_dict(json.loads(raw)) for job_id, raw in zip(ids, raws) if raw}
+        return {job_id: wait for job_id, wait in found.items() if wait is not None}
 
     # ------------------------------------------------------------------------------------ workers and pausing
 
@@ -713,7 +825,23 @@ def _runtime_of(decoded: dict[str, Any]) -> JobRuntime:
     stop = decoded.get("stop_request")
     return JobRuntime(worker=decoded.get("worker"), heartbeat_at=decoded.get("heartbeat_at"),
                       retry_at=decoded.get("retry_at"), claim=decoded.get("claim"),
-                      stop_request=StopReason(stop) if stop else None)
+                      stop_request=StopReason(stop) if stop else None,
+                      waiting=Wait.from_dict(decoded.get("waiting")))
+
+
+def _campaign_head(client, campaign_id: str) -> str | None:
+    """The first queued job of a campaign, read with ``client`` (the store's, or a pipeline in WATCH mode)."""
+    ids = [_text(i) for i in client.zrange(keys.CAMPAIGN_PENDING.format(id=campaign_id), 0, -1)]
+    for job_id in ids:
+        status = client.hget(keys.JOB.format(id=job_id), "status")
+        if status and json.loads(status) == JobStatus.QUEUED.value:
+            return job_id
+    return None
+
+
+def _wake_score(wait: Wait) -> str:
+    """A parked job's score in the waiting set: when its backoff ends, or never by time alone (campaign waits)."""
+    return repr(float(wait.until)) if wait.kind is WaitKind.BACKOFF and wait.until is not None else "+inf"
 
 
 def _stop_reason(raw) -> StopReason | None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from campaigns.campaign import CampaignStore, find_target, join_or_create
 from config.errors import ConfigError, GuildError
@@ -17,6 +18,7 @@ from engine.formats import DatasetError
 from jobs.control import preempt_low_if_needed
 from jobs.datasets import store_dataset
 from jobs.errors import DuplicateDataset
+from jobs.eval_sets import check_enqueue as check_eval_budget
 from jobs.job import Job, make_job_id
 from jobs.job_plan import JobPlan, resolve_plan
 from jobs.publisher import Publisher
@@ -44,6 +46,7 @@ class CheckedFile:
     num_examples: int
     estimated_tokens: int
     format: str
+    workload: Any = None  # jobs.workload.Workload once counted under the batch's plan (count_workloads)
 
 
 class BatchRejected(GuildError):
@@ -74,6 +77,29 @@ def check_files(paths: list[str], limits=None) -> list[CheckedFile]:
     return checked
 
 
+def count_workloads(files: list[CheckedFile], plan: JobPlan) -> None:
+    """Count what each file trains under ``plan``: tokens after truncation at its ``max_length``, steps, tokens
+    (``jobs.workload``). Raises BatchRejected listing every file the hero's chat template cannot render."""
+    from engine.errors import EngineError
+    from jobs.workload import estimate_workload
+
+    problems = []
+    for f in files:
+        try:
+            f.workload = estimate_workload(f.source, f.num_examples, plan, source=f.path)
+        except EngineError as exc:
+            problems.append(str(exc) if str(exc).startswith(f.path) else f"{f.path}: {exc}")
+    if problems:
+        raise BatchRejected("\n".join(problems))
+
+
+def truncation_warning(name: str, workload: dict[str, Any] | None) -> str | None:
+    """``FILE: 51 of 240 examples exceed max_length 256 (...); raise it with --set max_length=512 or shorten them``
+    when ``max_length`` cuts any example of a job (``workload``: ``Job.workload``), else None."""
+    report = (workload or {}).get("truncation") or {}
+    return f"{name}: {report['message']}" if report.get("num_over") else None
+
+
 def check_request(request: SubmitRequest) -> None:
     """Raise ConfigError for options that contradict each other."""
     if request.priority not in PRIORITIES:
@@ -84,7 +110,8 @@ def plan_request(settings: Settings, request: SubmitRequest):
     """The target (hero, campaign) and the frozen plan of a submission; nothing is created.
 
     Raises:
-        ConfigError, HeroError, CampaignError, PlanMismatch (the campaign's locked block differs from the hero's).
+        ConfigError, HeroError, CampaignError, PlanMismatch (the campaign's locked block differs from the hero's),
+        EvalBudgetExceeded (the campaign's eval set is over this job's hyperparams.eval_max_tokens).
     """
     target = find_target(settings.guild_home, request.hero_id, request.campaign)
     overrides = target.campaign.config_overrides if target.campaign is not None else None
@@ -93,6 +120,7 @@ def plan_request(settings: Settings, request: SubmitRequest):
     plan = resolve_plan(settings.guild_home, target.hero, target.name, overrides, request.sets)
     if target.campaign is not None:
         plan.check_locked(target.campaign.id, target.campaign.locked)
+        check_eval_budget(target.campaign, plan)  # the campaign's eval set must fit this job's eval_max_tokens
     return target, plan
 
 
@@ -111,6 +139,7 @@ def submit(settings: Settings, store, request: SubmitRequest, publish: Publisher
     target, plan = plan_request(settings, request)
     files = check_files(request.paths)
     _refuse_duplicates(store, files, request.force)
+    count_workloads(files, plan)
     store.check_writable(target.name)  # a corrupted Guild key: refuse before storing datasets or a campaign
     campaign = join_or_create(settings.guild_home, target)
     plan.check_locked(campaign.id, campaign.locked)  # a campaign created concurrently may be of another block
@@ -140,24 +169,31 @@ def _new_job(settings: Settings, f: CheckedFile, request: SubmitRequest, campaig
     return Job(id=make_job_id(Path(f.path).name), dataset_path=str(stored), hero_id=plan.hero.id,
                campaign_id=campaign_id, priority=request.priority, num_examples=f.num_examples,
                estimated_tokens=f.estimated_tokens, config_hash=plan.config_hash, git_commit=plan.git_commit,
-               plan=plan, metadata={"source_path": str(Path(f.path).resolve()), "format": f.format})
+               plan=plan, metadata={"source_path": str(Path(f.path).resolve()), "format": f.format},
+               workload=f.workload.to_dict() if f.workload is not None else None)
 
 
-def _refuse_duplicates(store, files: list[CheckedFile], force: bool) -> None:
+def duplicates(store, files: list[CheckedFile], force: bool) -> dict[str, str]:
+    """``{file path: why it is refused}`` for every file the enqueue refuses as a duplicate (none with ``force``)."""
     if force:
-        return
-    problems, seen = [], {}
+        return {}
+    found, seen = {}, {}
     for f in files:
         if f.sha256 in seen:
-            problems.append(f"{f.path}: same content as {seen[f.sha256]} in this batch; use --force to train both")
+            found[f.path] = f"same content as {seen[f.sha256]} in this batch; use --force to train both"
             continue
         seen[f.sha256] = f.path
         owner = store.live_owner(f.sha256)
         if owner is not None:
-            problems.append(f"{f.path}: same content as job {owner} ({store.get(owner).status.value}); "
-                            "use --force to train on it again")
-    if problems:
-        raise DuplicateDataset("\n".join(problems))
+            found[f.path] = f"same content as job {owner} ({store.get(owner).status.value}); use --force to train on " \
+                            "it again"
+    return found
+
+
+def _refuse_duplicates(store, files: list[CheckedFile], force: bool) -> None:
+    found = duplicates(store, files, force)
+    if found:
+        raise DuplicateDataset("\n".join(f"{path}: {why}" for path, why in found.items()))
 
 
 def _rollback(store, jobs: list[Job]) -> None:

@@ -1,8 +1,9 @@
 """Following jobs to their end: a live progress bar on a terminal, plain lines otherwise.
 
 What is shown comes from the job's own record: its step within this job, loss, tokens/s and the ETA the worker
-computes (a bar's own rate would count from whenever the watch started). A queued job shows that it is queued
-and its place in the queue. Ctrl-C stops watching, never the job: it says how to follow or cancel it.
+computes (a bar's own rate would count from whenever the watch started). A queued job shows that it is queued,
+what it waits for when it is parked (the job ahead in its campaign, its retry backoff) and its place in the queue.
+Ctrl-C stops watching, never the job: it says how to follow or cancel it.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import json
 import sys
 import time
 
-from jobs.cli_format import job_view
+from jobs.cli_format import duration_text, job_view
 from jobs.job import TERMINAL, Job, JobStatus
 from jobs.store import JobStore
 
@@ -86,7 +87,7 @@ class _Progress:
                 return
             line = f"{self.job_id}: processing {_figures(job, p)}"
         elif job.status == JobStatus.QUEUED:
-            line = f"{self.job_id}: queued{self._queue_position()}"
+            line = f"{self.job_id}: queued{self._queue_note()}"
         else:
             line = f"{self.job_id}: {job.status.value}"
         self._plain(line, final=job.status in TERMINAL)
@@ -128,14 +129,19 @@ class _Progress:
             print(line, file=self.stream, flush=True)
         self._line, self._line_at = line, now
 
-    def _queue_position(self) -> str:
+    def _queue_note(self) -> str:
+        """`` — after job X of campaign C (3 of 7 in the queue)``: what it waits for, and its place."""
         now = time.monotonic()
         if now - self._position_at >= QUEUE_POSITION_EVERY_S:
             self._position_at = now
             try:
+                wait = self.store.runtime(self.job_id).waiting
                 order = self.store.queued_in_order()
-                self._position = f" ({order.index(self.job_id) + 1} of {len(order)} in the queue)" \
-                    if self.job_id in order else ""
+                place = f"{order.index(self.job_id) + 1} of {len(order)} in the queue" if self.job_id in order else ""
+                if wait is not None:
+                    self._position = f" — {wait.describe()}" + (f" ({place})" if place else "")
+                else:
+                    self._position = f" ({place})" if place else ""
             except Exception:  # noqa: BLE001 - the position is a courtesy; the status is what matters
                 self._position = ""
         return self._position
@@ -145,18 +151,7 @@ def _figures(job: Job, p: dict) -> str:
     """``step 112/130 · loss 4.2031 · 3,100 tok/s · ETA 40 s`` from the job's own progress record."""
     eta = p.get("eta_s")
     return (f"step {p.get('step')}/{p.get('total_steps')} · loss {p.get('loss') or 0:.4f} · "
-            f"{p.get('tokens_per_sec') or 0:,.0f} tok/s · ETA " + ("?" if eta is None else _duration(eta)))
-
-
-def _duration(seconds: float) -> str:
-    seconds = max(0, int(round(seconds)))
-    if seconds < 60:
-        return f"{seconds} s"
-    minutes, seconds = divmod(seconds, 60)
-    if minutes < 60:
-        return f"{minutes} min {seconds:02d} s"
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours} h {minutes:02d} min"
+            f"{p.get('tokens_per_sec') or 0:,.0f} tok/s · ETA " + ("?" if eta is None else duration_text(eta)))
 
 
 def _say_still_running(store: JobStore, job_ids: list[str], stream) -> None:

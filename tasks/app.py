@@ -6,4 +6,4 @@ import tasks.flower_guard  # noqa: F401 - checks Flower's final options when `ce
 
 app = Celery("guild")
 app.config_from_object("celeryconfig")
-app.conf.imports = ("tasks.train", "tasks.signals", "tasks.device_check")
+app.conf.imports = ("tasks.train", "tasks.signals", "tasks.device_check", "tasks.queue_order")

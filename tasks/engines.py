@@ -52,8 +52,10 @@ class Engine(Protocol):
 
     def run_job(self, dataset_path: str, config: TrainerConfig, on_progress: ProgressCallback,
                 should_stop: Callable[[], bool], *, model_path: str, checkpoint_dir: Path,
-                resume_from: Path | None, run_id: str, enable_packing: bool | None, chat=None) -> TrainingResult:
-        """Train one job (see :meth:`engine.trainer.TrainerEngine.run_job`)."""
+                resume_from: Path | None, run_id: str, enable_packing: bool | None, chat=None,
+                evaluation=None, on_eval=None) -> TrainingResult:
+        """Train one job (see :meth:`engine.trainer.TrainerEngine.run_job`); ``evaluation`` is the campaign's eval set
+        (:class:`engine.eval_plan.EvalSpec`), ``on_eval`` gets each of its evaluations."""
 
     def device_memory(self) -> int | None:
         """Bytes of one of the GPUs a job trains on (the smallest), or None (a CPU worker: no memory check)."""
@@ -107,10 +109,11 @@ class TorchEngine:
         self.trainer.prepare(dataset_path, config, model_path=model_path, enable_packing=enable_packing, chat=chat)
 
     def run_job(self, dataset_path, config, on_progress, should_stop, *, model_path, checkpoint_dir, resume_from,
-                run_id, enable_packing, chat=None) -> TrainingResult:
+                run_id, enable_packing, chat=None, evaluation=None, on_eval=None) -> TrainingResult:
         return self.trainer.run_job(dataset_path, config, on_progress, should_stop, model_path=model_path,
                                     checkpoint_dir=checkpoint_dir, resume_from=resume_from, run_id=run_id,
-                                    enable_packing=enable_packing, chat=chat)
+                                    enable_packing=enable_packing, chat=chat, evaluation=evaluation,
+                                    on_eval=on_eval)
 
     def device_memory(self) -> int | None:
         if self.ranks > 1:
@@ -168,7 +171,7 @@ class StandInEngine:
         return None
 
     def run_job(self, dataset_path, config, on_progress, should_stop, *, model_path, checkpoint_dir, resume_from,
-                run_id, enable_packing, chat=None) -> TrainingResult:
+                run_id, enable_packing, chat=None, evaluation=None, on_eval=None) -> TrainingResult:
         hp = config.hyperparams
         steps = hp.max_steps or self.DEFAULT_STEPS
         state = json.loads((Path(resume_from) / STANDIN_STATE).read_text()) if resume_from else {}

@@ -37,9 +37,18 @@ from jobs.publisher import Publisher
 from jobs.queues import DEFAULT_DEFER_DELAY_S, DEFAULT_HEARTBEAT_S, PROGRESS_WRITE_INTERVAL_S
 from jobs.retention import apply_retention
 from jobs.retry import Action, RetryPolicy
+from jobs.waiting import Wait
 from tasks.engines import Engine, ResumePoint, load_engine
+from tasks.evaluation import METADATA_KEY as EVAL_SET_KEY
+from tasks.evaluation import EvalReporter, job_evaluation
 
 logger = logging.getLogger(__name__)
+PARK_TRIES = 3  # a job whose turn comes while it is being parked looks again, this many times
+
+
+def _job_of_holder(holder: str | None) -> str | None:
+    """The job in a campaign lock's holder (``worker:job``)."""
+    return holder.split(":", 1)[1] if holder and ":" in holder else None
 
 
 class OutcomeKind(str, Enum):
@@ -48,7 +57,8 @@ class OutcomeKind(str, Enum):
     SKIPPED = "skipped"
     CANCELLED = "cancelled"
     REQUEUED = "requeued"  # back to its queue (transient failure, pause, preemption, lost campaign lock)
-    DEFERRED = "deferred"  # not its turn (campaign busy, backoff): its message went back to the queue
+    WAITING = "waiting"  # not its turn (campaign order, busy campaign, backoff): parked, its message dropped
+    DEFERRED = "deferred"  # last resort when it could not be parked: its message went back to the queue
     DROPPED = "dropped"  # nothing to do (unknown, finished, running elsewhere, taken over)
 
     def __str__(self) -> str:
@@ -62,6 +72,7 @@ class Outcome:
     action: OutcomeKind
     detail: str = ""
     replace_worker: bool = False  # this worker process must exit (its CUDA context is unusable)
+    wait: Wait | None = None  # what a WAITING job waits for
 
 
 @dataclass(frozen=True)
@@ -161,7 +172,7 @@ class JobRunner:
         """Run one delivery of ``job_id``'s message.
 
         Args:
-            republish: sends the job's message again (when its campaign is busy, or it goes back to its queue).
+            republish: sends the job's message again (it goes back to its queue, or a parked job's turn came).
             emit: ``emit(progress_dict)`` publishes progress to monitoring (Flower task events); optional; must not
                 block (:class:`tasks.train._ProgressEvents` hands it to a thread).
         """
@@ -172,23 +183,33 @@ class JobRunner:
             logger.error("dropping message for %s: %s", job_id, exc)
             return Outcome(OutcomeKind.DROPPED, str(exc))
         if job.status not in (JobStatus.QUEUED, JobStatus.PROCESSING):
+            # A cancelled first job of a campaign may be what its parked jobs wait for.
+            self._wake_campaign(job.campaign_id, republish)
             return Outcome(OutcomeKind.DROPPED, f"job is {job.status.value}")
 
         # ---- one campaign, one worker, in queue order -----------------------------------------------------
         # A job may start only when it is the first queued job of its campaign and it holds the campaign lock;
-        # otherwise it goes back to its queue after a short pause, so this worker can take other campaigns' jobs.
-        if job.status == JobStatus.QUEUED:
-            retry_at = self.store.runtime(job_id).retry_at
-            if retry_at and retry_at > time.time():
-                return self._defer(job, republish, "waiting for its retry backoff",
-                                   min(DEFAULT_DEFER_DELAY_S, retry_at - time.time()))
-            if self.store.campaign_head(job.campaign_id) not in (None, job_id):
-                return self._defer(job, republish, "an earlier job of its campaign goes first")
+        # otherwise it is parked in the store (jobs/waiting.py) and its message is dropped: the run that frees the
+        # campaign (or the sweep) sends it again, so the worker takes other jobs meanwhile and nothing spins.
         # The lease matches the heartbeat window: a worker silent that long loses its job and its lock together.
         lock = CampaignLock(self.store, job.campaign_id, holder=f"{self.worker_name}:{job_id}",
                             lease_s=self.settings.heartbeat_stale_s)
-        if not lock.acquire():
-            return self._defer(job, republish, f"campaign {job.campaign_id} is busy ({lock.holder()})")
+        for _ in range(PARK_TRIES):
+            wait = self._wait_of(job)
+            if wait is None:
+                if lock.acquire():
+                    break
+                if job.status == JobStatus.PROCESSING:  # a second copy of a running job's message
+                    return Outcome(OutcomeKind.DROPPED, f"running under {lock.holder()}")
+                wait = Wait.for_campaign(job.campaign_id, _job_of_holder(lock.holder()), now=time.time())
+            if self.store.park(job.id, wait):
+                logger.info("job %s: waiting, %s", job.id, wait.describe())
+                return Outcome(OutcomeKind.WAITING, wait.describe(), wait=wait)
+            job = self.store.get(job_id)  # its turn came while it was being parked: look again
+            if job.status not in (JobStatus.QUEUED, JobStatus.PROCESSING):
+                return Outcome(OutcomeKind.DROPPED, f"job is {job.status.value}")
+        else:
+            return self._defer(job, republish, "its campaign changed hands while it was being parked")
         try:
             token = uuid.uuid4().hex
             claimed = self.store.claim(job_id, self.worker_name, token=token,
@@ -202,8 +223,38 @@ class JobRunner:
                 lock.release()
             except Exception as exc:  # noqa: BLE001 - the lease expires by itself
                 logger.warning("job %s: could not release the campaign lock: %s", job_id, exc)
+            self._wake_campaign(job.campaign_id, republish)
+
+    def _wait_of(self, job: Job) -> Wait | None:
+        """What a queued job must wait for before it may take its campaign's lock: its retry backoff, or the job
+        ahead of it in its campaign. None when it may try now (also for a processing job: a redelivery)."""
+        if job.status != JobStatus.QUEUED:
+            return None
+        now = time.time()
+        retry_at = self.store.runtime(job.id).retry_at
+        if retry_at and retry_at > now:
+            return Wait.for_backoff(job.campaign_id, retry_at, now=now)
+        pending = self.store.campaign_pending(job.campaign_id)
+        head = self.store.campaign_head(job.campaign_id)
+        if head in (None, job.id):
+            return None
+        ahead = pending[:pending.index(job.id)] if job.id in pending else [head]
+        return Wait.for_campaign(job.campaign_id, ahead[-1] if ahead else head, now=now)
+
+    def _wake_campaign(self, campaign_id: str, republish: Publisher) -> None:
+        """Send the message of the campaign's first queued job if it is parked and the campaign is free (the end of
+        a run, a dropped message of a cancelled job). Never raises: the sweep wakes it otherwise."""
+        try:
+            woken = self.store.wake_head(campaign_id)
+            if woken is not None:
+                republish(woken, self.store.get(woken).priority, at_head=True)
+                self.store.mark_published([woken])
+                logger.info("campaign %s is free: woke its next job %s", campaign_id, woken)
+        except Exception as exc:  # noqa: BLE001 - the sweep wakes parked jobs too
+            logger.warning("campaign %s: could not wake its next job (the sweep will): %s", campaign_id, exc)
 
     def _defer(self, job: Job, republish: Publisher, why: str, delay_s: float = DEFAULT_DEFER_DELAY_S) -> Outcome:
+        """The last resort when parking keeps failing: back to its queue after a short pause."""
         time.sleep(max(delay_s, 0.0))
         republish(job.id, job.priority)
         return Outcome(OutcomeKind.DEFERRED, why)
@@ -225,17 +276,22 @@ class JobRunner:
             # Bounded disk: a job that could not write its checkpoints fails now, with what it needs and the fix.
             ensure_checkpoint_space(prep.checkpoint_dir, prep.campaign, prep.model_path,
                                     job.plan.config.hyperparams.save_total_limit)
+            # The campaign's eval set: the current one at the job's first start, then always that one.
+            evaluation = job_evaluation(job, prep.campaign, prep.resume.path, prep.resume.step, prep.checkpoint_dir)
             self.store.update(job.id, owner=token, start_step=prep.resume.step,
                               metadata={**job.metadata,
-                                        "resume_from": str(prep.resume.path) if prep.resume.path else None})
+                                        "resume_from": str(prep.resume.path) if prep.resume.path else None,
+                                        EVAL_SET_KEY: evaluation.record})
             from tasks.tracking import CampaignTracker
 
             tracker = CampaignTracker(prep.checkpoint_dir.parent.parent, job.id)
+            evals = EvalReporter(prep.checkpoint_dir.parent.parent, job.id, evaluation.spec, tracker)
             started = time.time()
             result = self.engine.run_job(
-                job.dataset_path, job.plan.config, self._progress_callback(job, beat, tracker), beat.should_stop,
-                model_path=prep.model_path, checkpoint_dir=prep.checkpoint_dir, resume_from=prep.resume.path,
-                run_id=job.id, enable_packing=self.settings.enable_packing, chat=job.plan.hero.chat_options)
+                job.dataset_path, job.plan.config, self._progress_callback(job, beat, tracker, evals),
+                beat.should_stop, model_path=prep.model_path, checkpoint_dir=prep.checkpoint_dir,
+                resume_from=prep.resume.path, run_id=job.id, enable_packing=self.settings.enable_packing,
+                chat=job.plan.hero.chat_options, evaluation=evaluation.spec, on_eval=evals.on_eval)
             logger.info("job %s: engine returned %s after %.1f s", job.id, result.status, time.time() - started)
             return self._finish(job, token, prep, tracker, result, beat, lock, republish)
         except NotOwner as exc:
@@ -260,8 +316,9 @@ class JobRunner:
         finally:
             beat.stop()
 
-    def _progress_callback(self, job: Job, beat: _Beat, tracker):
-        """``on_progress`` for the engine: memory only, never raises into training."""
+    def _progress_callback(self, job: Job, beat: _Beat, tracker, evals: EvalReporter | None = None):
+        """``on_progress`` for the engine: memory only, never raises into training. The latest evaluation
+        (``evals.latest``: eval_step, eval_loss, sample) rides along with every progress report."""
         state = {"started": False, "warned": False}
 
         def on_progress(step, total_steps, loss, lr, tokens_per_sec, eta_s):
@@ -272,7 +329,8 @@ class JobRunner:
                     state["started"] = True
                     self._prepare_next_in_background(job)
                 beat.progress = {"step": step, "total_steps": total_steps, "loss": loss, "lr": lr,
-                                 "tokens_per_sec": tokens_per_sec, "eta_s": eta_s, "updated_at": time.time()}
+                                 "tokens_per_sec": tokens_per_sec, "eta_s": eta_s, "updated_at": time.time(),
+                                 **(evals.latest if evals is not None else {})}
                 ranks = self.engine.live_ranks()
                 if ranks is not None:  # a multi-rank worker: its rank processes alive (all, while it trains)
                     beat.progress.update(ranks=ranks, ranks_expected=self.settings.ranks)
@@ -355,12 +413,16 @@ class JobRunner:
         fields = {"final_step": result.final_step, "final_loss": result.final_loss,
                   "final_val_loss": result.final_val_loss, "trained_tokens": result.trained_tokens,
                   "tokens_per_sec": result.tokens_per_sec, "start_step": result.start_step,
+                  "final_eval_loss": result.final_eval_loss, "train_s": result.train_s, "eval_s": result.eval_s,
                   "finished_at": utc_now(), "progress": None, "artifacts": artifacts,
                   "metadata": {**self.store.get(job.id).metadata, "checkpoint": result.checkpoint_path,
                                "num_truncated": result.num_truncated, "num_dropped": result.num_dropped,
                                "num_train_examples": result.num_train_examples,
                                "num_val_examples": result.num_val_examples,
-                               "loss_history": result.loss_history[-2000:], "val_history": result.val_history}}
+                               "attention": result.attention, "loss_kernel": result.loss_kernel,
+                               "engine_warnings": list(result.warnings),
+                               "loss_history": result.loss_history[-2000:], "val_history": result.val_history,
+                               "eval_history": [p.to_dict(answers=False) for p in result.eval_history]}}
         if status is TrainingStatus.COMPLETED:
             return self._complete(job, token, result, fields, lock, republish)
         if status is TrainingStatus.STOPPED:

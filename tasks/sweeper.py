@@ -6,18 +6,25 @@ the sweep notices within ``GUILD_HEARTBEAT_STALE_S`` instead and takes the job o
 (``JobStore.take_over_stale``: back to ``queued``, or ``failed`` when its retry policy has no attempt left),
 then sends its message again. The claim in the job store makes sure that, whichever message arrives, a job never
 runs twice at once.
+
+Parked jobs (jobs/waiting.py) get their message back here too: a job whose retry backoff is over (checked about
+once a second, :func:`release_due`), and, once per sweep, the first queued job of every campaign that has parked
+jobs and that nobody holds (a cancelled head, a dead worker's lease that ran out: anything the run that frees a
+campaign does not see).
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 
 from config.errors import GuildError
 from jobs.job import JobStatus
 from jobs.publisher import Publisher
 
 logger = logging.getLogger(__name__)
+WAKE_POLL_S = 1.0  # how often a worker looks for parked jobs whose backoff is over (one ZRANGEBYSCORE)
 
 
 def sweep_once(store, stale_after_s: float, republish: Publisher) -> list[str]:
@@ -44,7 +51,30 @@ def sweep_once(store, stale_after_s: float, republish: Publisher) -> list[str]:
                 recovered.append(job_id)
         except GuildError as exc:
             logger.info("sweep: %s: %s", job_id, exc)
+    release_due(store, republish)
+    for campaign_id in sorted({w.campaign for w in store.waiting().values()}):
+        _send(store, republish, store.wake_head(campaign_id), f"campaign {campaign_id} is free")
     return recovered
+
+
+def release_due(store, republish: Publisher) -> list[str]:
+    """Send the message of every parked job whose retry backoff is over. Returns their ids."""
+    released = store.release_due()
+    for job_id in released:
+        _send(store, republish, job_id, "its retry backoff is over")
+    return released
+
+
+def _send(store, republish: Publisher, job_id: str | None, why: str) -> None:
+    """Send a woken job's message at the head of its queue (it has waited its turn already)."""
+    if job_id is None:
+        return
+    try:
+        republish(job_id, store.get(job_id).priority, at_head=True)
+        store.mark_published([job_id])
+        logger.info("sweep: woke job %s (%s)", job_id, why)
+    except GuildError as exc:  # deleted meanwhile
+        logger.info("sweep: %s: %s", job_id, exc)
 
 
 class Sweeper(threading.Thread):
@@ -66,8 +96,20 @@ class Sweeper(threading.Thread):
                     logger.warning("recovered job %s from a lost worker", job_id)
             except Exception as exc:  # noqa: BLE001 - Redis down: sweep again next time
                 logger.warning("sweep skipped: %s", exc)
-            if self._stop_event.wait(self.interval_s):
+            if self._wait_releasing_due():
                 return
+
+    def _wait_releasing_due(self) -> bool:
+        """Until the next sweep, release parked jobs whose backoff is over about once a second. True: stop."""
+        deadline = time.monotonic() + self.interval_s
+        while (left := deadline - time.monotonic()) > 0:
+            if self._stop_event.wait(min(WAKE_POLL_S, left)):
+                return True
+            try:
+                release_due(self.store, self.republish)
+            except Exception as exc:  # noqa: BLE001 - Redis down: the next poll tries again
+                logger.debug("release of due jobs skipped: %s", exc)
+        return self._stop_event.is_set()
 
     def stop(self) -> None:
         self._stop_event.set()

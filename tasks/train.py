@@ -6,10 +6,12 @@ import logging
 import threading
 import time
 
+from celery.exceptions import Ignore
+
 from config.settings import get_settings
 from jobs.store import JobStore
 from tasks.app import app
-from tasks.lifecycle import JobRunner
+from tasks.lifecycle import JobRunner, Outcome, OutcomeKind
 from tasks.publish import TASK_NAME, CeleryPublisher
 
 logger = logging.getLogger(__name__)
@@ -62,6 +64,10 @@ class _ProgressEvents:
                 continue
             summary = (f"step {progress['step']}/{progress['total_steps']} · loss {progress['loss'] or 0:.4f} · "
                        f"{progress['tokens_per_sec'] or 0:.0f} tok/s · ETA {progress['eta_s'] or 0:.0f} s")
+            if progress.get("eval_loss") is not None:  # the campaign's eval set (tasks.evaluation.EvalReporter)
+                summary += f" · eval {progress['eval_loss']:.4f} @ {progress['eval_step']}"
+                if progress.get("sample"):
+                    summary += f" · answer: {progress['sample']!r}"
             ranks = {}
             if progress.get("ranks") is not None:  # a multi-rank worker: its rank processes alive
                 summary += f" · {progress['ranks']}/{progress['ranks_expected']} ranks"
@@ -70,10 +76,29 @@ class _ProgressEvents:
                 with self.app.events.default_dispatcher(hostname=self.hostname) as dispatcher:
                     dispatcher.send("task-progress", uuid=self.task_id, result=summary, step=progress["step"],
                                     total_steps=progress["total_steps"], loss=progress["loss"],
-                                    tokens_per_sec=progress["tokens_per_sec"], eta_s=progress["eta_s"], **ranks)
+                                    tokens_per_sec=progress["tokens_per_sec"], eta_s=progress["eta_s"],
+                                    eval_loss=progress.get("eval_loss"), eval_step=progress.get("eval_step"),
+                                    sample=progress.get("sample"), **ranks)
             except Exception as exc:  # noqa: BLE001 - monitoring must never stop training
                 logger.debug("progress event not sent: %s", exc)
             time.sleep(self.min_interval_s)
+
+
+WAITING_STATE = "WAITING"  # the task state (result backend, Flower) of a delivery that parked its job
+
+
+def _report_waiting(task, job_id: str, outcome: Outcome) -> None:
+    """A parked job is no success: a ``task-waiting`` event (Flower shows the state WAITING and, as the task's
+    result, what it waits for) and the same state in the result backend. The message is then acked without a result
+    (``Ignore``); the job gets a new one when its turn comes (jobs/waiting.py)."""
+    wait = outcome.wait
+    fields = {"result": outcome.detail, "waiting_for": wait.after if wait else None,
+              "campaign": wait.campaign if wait else None, "until": wait.until if wait else None}
+    try:
+        task.send_event("task-waiting", **fields)
+        task.update_state(task_id=job_id, state=WAITING_STATE, meta={"waiting": outcome.detail})
+    except Exception as exc:  # noqa: BLE001 - monitoring only: the wait itself is recorded in the job store
+        logger.warning("job %s: waiting state not reported to monitoring: %s", job_id, exc)
 
 
 @app.task(name=TASK_NAME, bind=True, acks_late=True, reject_on_worker_lost=True)
@@ -86,6 +111,9 @@ def train_job(self, job_id: str) -> dict:
     finally:
         events.close()
     logger.info("job %s: %s %s", job_id, outcome.action, outcome.detail)
+    if outcome.action is OutcomeKind.WAITING:
+        _report_waiting(self, job_id, outcome)
+        raise Ignore()
     if outcome.replace_worker:
         # The job is recorded as failed. Leaving this child makes the pool start a fresh one (with a fresh CUDA
         # context); Celery reports the exit as a lost worker and requeues the message, which the next worker drops

@@ -163,10 +163,16 @@ class Worker:
             cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         log.close()
         if wait_ready:
-            wait_until(lambda: b"ready." in self.log_path.read_bytes() or self.proc.poll() is not None, 60,
-                       what=f"worker {self.name} ready")
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"worker {self.name} exited:\n{self.log_path.read_text()[-3000:]}")
+            self.wait_ready()
+        return self
+
+    def wait_ready(self) -> Worker:
+        """Wait (60 s at most) until the worker says it is ready; raises when it exited instead. Start several
+        workers with ``wait_ready=False``, then wait for each: they start side by side."""
+        wait_until(lambda: b"ready." in self.log_path.read_bytes() or self.proc.poll() is not None, 60,
+                   what=f"worker {self.name} ready")
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"worker {self.name} exited:\n{self.log_path.read_text()[-3000:]}")
         return self
 
     def stop(self, timeout_s: float = 20) -> None:

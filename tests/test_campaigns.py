@@ -1,11 +1,12 @@
 """Campaigns through the CLI and real workers: steps continue, one worker per campaign, locked block."""
 
 import json
+import re
 from datetime import datetime
 
 import pytest
 
-from tests.services import REPO
+from tests.services import REPO, wait_until
 from tests.test_pipeline import _enqueue, _wait_final
 
 EXAMPLES = REPO / "examples"
@@ -45,6 +46,27 @@ def test_explain_reports_every_bad_key_together(run_cli, guild_home):
     assert out.returncode == 2
     assert "batch_size" in out.stderr and "nope" in out.stderr and "learning_rate" in out.stderr
     assert "config.json" in out.stderr and "project layer" in out.stderr and "cli layer" in out.stderr
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_show_and_list_include_the_running_jobs_steps(run_cli, start_worker, store, tmp_path):
+    start_worker("gpu0@camplive", env={"GUILD_ENGINE_FACTORY": "tests.standin_engines:steady"})
+    [job_id] = _enqueue(run_cli, str(EXAMPLES / "text.jsonl"), "--campaign", "live", "--set", "max_steps=400")
+    wait_until(lambda: (store.get(job_id).progress or {}).get("step", 0) >= 5, 60, what="the job to reach step 5")
+    shown = json.loads(run_cli("campaigns", "show", "live", "--json").stdout)
+    running = shown["running"]
+    assert shown["current_step"] == 0  # campaign.json moves when a job completes; the live step is beside it
+    assert running["job"] == job_id and running["worker"] == "gpu0@camplive" and running["total_steps"] == 400
+    assert running["step"] >= 5 and running["start_step"] == 0
+    text = run_cli("campaigns", "show", "live").stdout
+    assert re.search(rf"running: +running {job_id} on gpu0@camplive: step \d+/400 \(this job \d+ of 400\)", text)
+    listed = run_cli("campaigns", "list").stdout
+    assert re.search(rf"^live .* step 0 .*running {job_id} on gpu0@camplive: step \d+/400", listed, re.M), listed
+    listed_json = json.loads(run_cli("campaigns", "list", "--json").stdout)
+    assert next(c for c in listed_json if c["id"] == "live")["running"]["job"] == job_id
+    assert run_cli("jobs", "cancel", job_id).returncode == 0
+    _wait_final(store, [job_id])
 
 
 @pytest.mark.integration

@@ -1,10 +1,14 @@
-"""doctor's disk check: free space against a threshold, with what checkpoints use and what a prune would free."""
+"""doctor's disk check: free space against a threshold, with what checkpoints use and what a prune would free; and
+every worker paused while work waits."""
 
 from __future__ import annotations
 
 import json
 
+import pytest
+
 from campaigns.disk import format_bytes
+from tests.services import REPO, wait_until
 from tests.test_retention import FULL, STATE, stage_in_redis
 
 
@@ -44,3 +48,21 @@ def test_the_ranks_of_multi_rank_jobs():
     check = doctor._rank_check(jobs)
     assert not check.ok and check.detail == "2 multi-rank job(s) running: a 4/4; ranks missing: d 1/2"
     assert "GUILD_GANG_TIMEOUT_S" in check.fix
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_every_worker_paused_with_work_queued_is_unhealthy(run_cli, start_worker):
+    start_worker("gpu0@docpause", env={"GUILD_ENGINE_FACTORY": "tests.standin_engines:steady"})
+    assert run_cli("jobs", "pause").returncode == 0
+    idle = json.loads(run_cli("doctor", "--json", timeout=60).stdout)
+    paused = next(c for c in idle["checks"] if c["name"] == "paused")
+    assert idle["healthy"] and not paused["ok"] and paused["warning"]  # paused, nothing waiting: a warning
+    assert run_cli("enqueue", str(REPO / "examples" / "text.jsonl")).returncode == 0
+    out = run_cli("doctor", timeout=60)
+    assert out.returncode == 1 and "UNHEALTHY" in out.stdout
+    assert ("FAIL paused: every worker is paused (gpu0@docpause) and 1 job(s) are queued: nothing runs them — fix: "
+            "python -m jobs resume") in out.stdout
+    assert run_cli("jobs", "resume").returncode == 0
+    wait_until(lambda: run_cli("doctor", "--json", timeout=60).returncode == 0, 60, interval_s=1,
+               what="doctor healthy after the resume")

@@ -185,7 +185,47 @@ def test_a_job_reports_its_attention_path(tiny_hero_dir, tmp_path):
     from engine.trainer import TrainerEngine
 
     result = TrainerEngine().run_job(
-        chat_examples(), small_config(max_steps=1, attention="sdpa_dense"), model_path=str(tiny_hero_dir),
-        checkpoint_dir=tmp_path, run_id="dense",
+        chat_examples(),
+        small_config(max_steps=1, attention="sdpa_dense"),
+        model_path=str(tiny_hero_dir),
+        checkpoint_dir=tmp_path,
+        run_id="dense",
     )
     assert (result.status, result.attention, result.loss_kernel) == ("completed", "sdpa_dense", "chunked")
+
+
+def reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, **kwargs):
+    """A stand-in for a variable-length flash kernel on the CPU: causal SDPA on each cu_seqlens segment of
+    (total, heads, dim) inputs. Takes both keyword conventions (flash_attn's and torch's)."""
+    assert torch.equal(cu_q, cu_k) and max_q == max_k and cu_q.dtype == torch.int32
+    assert kwargs.get("causal", kwargs.get("is_causal", kwargs.get("window_size") == (-1, 0)))
+    scale = kwargs.get("softmax_scale", kwargs.get("scale"))
+    out = torch.empty_like(q)
+    bounds = cu_q.tolist()
+    for start, end in zip(bounds, bounds[1:]):
+        seg = [x[start:end].transpose(0, 1).unsqueeze(0) for x in (q, k, v)]
+        attended = torch.nn.functional.scaled_dot_product_attention(
+            *seg, is_causal=True, scale=scale, enable_gqa=seg[0].shape[1] != seg[1].shape[1]
+        )
+        out[start:end] = attended.squeeze(0).transpose(0, 1)
+    return out
+
+
+@pytest.mark.parametrize(
+    "kernel",
+    [
+        ("flash_attn", frozenset()),  # flash_attn.flash_attn_varlen_func's keywords
+        ("torch", frozenset({"scale", "window_size", "enable_gqa"})),  # torch.nn.attention.varlen, torch >= 2.12
+        ("torch", frozenset({"scale", "is_causal"})),  # an older varlen_attn: no GQA, K/V heads repeated
+    ],
+)
+def test_flash_varlen_plumbing_with_a_reference_kernel(guild, rows, examples, alone, monkeypatch, kernel):
+    """The flash path's flattening, cu_seqlens and reshaping, checked on the CPU with a reference kernel in place of
+    flash attention (which needs CUDA): each example's loss is its loss alone."""
+    import engine.attention as attention
+
+    kind, params = kernel
+    monkeypatch.setattr(attention, "_VARLEN", (kind, reference_varlen, params))
+    with torch.no_grad():
+        packed = per_example_losses(guild, packed_batch(rows, examples, AttentionPath.FLASH_VARLEN))
+    assert max(abs(packed[i] - alone[i]) for i in alone) < 1e-5

@@ -184,6 +184,35 @@ def test_sharded_fsdp_trains_what_one_process_trains(gang, tiny_hero_dir, tmp_pa
     assert_same_trajectory(more_one, more)
 
 
+# ------------------------------------------------------------------------------------------------ evaluation
+
+
+@pytest.mark.parametrize("sharding", ["none", "fsdp"])
+def test_a_campaign_eval_set_on_two_ranks_gives_what_one_process_gives(gang, tiny_hero_dir, tmp_path, sharding):
+    """Every rank evaluates the whole set alike (through the DDP/FSDP wrapper; probes on the full weights, gathered
+    under FSDP): the same eval losses and probe answers as one process, reported once (rank 0's)."""
+    from engine.eval_plan import EvalSpec, probes_from_examples
+    from engine.formats import read_examples
+    from tests.engine_fixtures import CHAT_SMALL
+
+    eval_file = tmp_path / "eval.jsonl"
+    eval_file.write_text("".join(CHAT_SMALL.read_text().splitlines(keepends=True)[200:204]))
+    spec = EvalSpec(str(eval_file), "sha-of-eval", 128, probes=tuple(probes_from_examples(read_examples(eval_file), 1)),
+                    max_new_tokens=4, seed=3, at_start=True)
+    cfg = config(max_steps=2, save_steps=2, eval_steps=1, sharding=sharding)
+    results = []
+    for engine, name in ((TrainerEngine(), "one"), (gang, "two")):
+        points = []
+        result = engine.run_job(chat_examples(), cfg, None, None, model_path=str(tiny_hero_dir),
+                                checkpoint_dir=tmp_path / name, run_id="e", evaluation=spec, on_eval=points.append)
+        assert [p.step for p in points] == [p.step for p in result.eval_history] == [0, 1, 2]
+        results.append(points)
+    one, two = results
+    for a, b in zip(one, two):
+        assert abs(a.loss - b.loss) <= TOLERANCE and a.num_loss_tokens == b.num_loss_tokens
+        assert [x.text for x in a.answers] == [x.text for x in b.answers] and len(b.answers) == 1
+
+
 # ------------------------------------------------------------------------------------------------ refusals
 
 

@@ -37,8 +37,12 @@ def test_a_deterministic_job_stopped_and_resumed_is_bitwise_equal(tiny_hero_dir,
         straight = TrainerEngine().run_job(chat_examples(), config, checkpoint_dir=tmp_path / "a", **run)
         calls = []
         stopped = TrainerEngine().run_job(
-            chat_examples(), config, lambda *a: calls.append(a[0]), lambda: 2 in calls,
-            checkpoint_dir=tmp_path / "b", **run,
+            chat_examples(),
+            config,
+            lambda *a: calls.append(a[0]),
+            lambda: 2 in calls,
+            checkpoint_dir=tmp_path / "b",
+            **run,
         )
         assert (stopped.status, stopped.final_step) == ("stopped", 2)
         resumed = TrainerEngine().run_job(

@@ -126,3 +126,32 @@ def test_the_compiled_kernels_source_equals_the_eager_chunk_step():
     assert loss.item() == pytest.approx(eager_loss.item(), rel=1e-6)
     assert torch.allclose(grad, eager_grad, atol=1e-7)
     assert torch.allclose(grad, torch.softmax(logits, -1) - F.one_hot(targets, 300), atol=1e-6)
+
+
+def test_liger_call_returns_the_summed_loss(monkeypatch):
+    """liger's module (CUDA only) stands in with the plain computation: the engine asks it for a mean, whatever
+    the installed version does with its reduction argument, and turns that into the sum; a (loss, z_loss) tuple
+    from newer versions is taken too."""
+    import sys
+    import types
+
+    from engine.loss import _liger_sum
+
+    class FakeLiger(torch.nn.Module):
+        def __init__(self, reduction="mean"):
+            super().__init__()
+            assert reduction == "mean"
+
+        def forward(self, weight, hidden, targets, bias=None):
+            loss = F.cross_entropy(F.linear(hidden, weight, bias), targets)
+            return loss, None
+
+    module = types.ModuleType("liger_kernel.transformers")
+    module.LigerFusedLinearCrossEntropyLoss = FakeLiger
+    monkeypatch.setitem(sys.modules, "liger_kernel", types.ModuleType("liger_kernel"))
+    monkeypatch.setitem(sys.modules, "liger_kernel.transformers", module)
+    hidden, weight, _, targets = problem()
+    head = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False, dtype=torch.float64)
+    head.weight.data.copy_(weight.detach())
+    expected = F.cross_entropy(hidden @ weight.T, targets, reduction="sum")
+    assert _liger_sum(hidden, head, targets).item() == pytest.approx(expected.item(), rel=1e-6)

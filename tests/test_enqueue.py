@@ -113,7 +113,9 @@ def test_a_corrupted_key_refuses_the_enqueue_and_leaves_nothing(run_cli, redis_c
     left = sorted(k.decode() for k in redis_client.keys("guild:*"))
     assert left == ["guild:jobs:queued"] and _queue_lengths(redis_client)["normal"] == 0
     assert not (guild_home / "datasets").exists() and not (guild_home / "campaigns").exists()
-    doctor = json.loads(run_cli("doctor", "--json", timeout=60).stdout)
+    ran = run_cli("doctor", "--json", timeout=60)
+    assert ran.stdout.startswith("{"), ran.stderr[-3000:]
+    doctor = json.loads(ran.stdout)
     layout = next(c for c in doctor["checks"] if c["name"] == "redis-layout")
     assert not layout["ok"] and "guild:jobs:queued is a list" in layout["detail"] and not doctor["healthy"]
 

@@ -394,3 +394,43 @@ def test_flower_exits_with_the_cause_when_the_broker_refuses_its_password(guild_
     assert done.returncode == 1, done.stderr[-1000:]
     assert "error: Flower cannot use its broker: Redis refused the password in REDIS_URL" in done.stderr
     assert "wrong-password-456" not in done.stderr + done.stdout
+
+
+def test_tasks_show_priority_campaign_and_dataset_a_waiting_job_its_wait_and_history_survives_a_restart(
+        run_cli, start_worker, start_flower, store, cancel_at_end, guild_home, tmp_path):
+    """Flower shows what an operator needs beside the job id (display only: the job id stays the task's one input),
+    a parked job as WAITING with what it waits for (never a success), and its history after a restart
+    (persistent mode, state under $GUILD_HOME/flower)."""
+    standin = {"GUILD_ENGINE_FACTORY": "tests.standin_engines:steady"}
+    for worker in [start_worker(name, wait_ready=False, env=standin) for name in ("gpu0@flowA", "gpu1@flowB")]:
+        worker.wait_ready()
+    flower = start_flower()
+    paths = {}
+    for name in ("ahead", "behind"):
+        paths[name] = tmp_path / f"{name}.jsonl"
+        paths[name].write_text(json.dumps({"prompt": f"flower {name}", "response": "yes"}) + "\n")
+    ahead = _enqueue(run_cli, paths["ahead"], "--priority", "high", "--campaign", "showc", "--set", "max_steps=600")
+    cancel_at_end.append(ahead)
+    wait_until(lambda: store.get(ahead).status.value == "processing", 60, what="the job ahead to start")
+    behind = _enqueue(run_cli, paths["behind"], "--priority", "low", "--campaign", "showc", "--set", "max_steps=2")
+    cancel_at_end.append(behind)
+
+    info = wait_until(lambda: (i := flower.task_info(ahead)) and i.get("kwargs") and i, 30, interval_s=0.3,
+                      what="Flower to show the task's kwargs")
+    assert info["args"] == repr([ahead])
+    assert info["kwargs"] == repr({"priority": "high", "campaign": "showc", "dataset": "ahead.jsonl",
+                                   "hero": "tiny-qwen3"})
+    waiting = wait_until(lambda: (i := flower.task_info(behind)) and i["state"] == "WAITING" and i, 30,
+                         interval_s=0.3, what="Flower to show the parked job as WAITING")
+    assert waiting["result"] == f"after job {ahead} of campaign showc"
+    assert "'priority': 'low'" in waiting["kwargs"] and "'dataset': 'behind.jsonl'" in waiting["kwargs"]
+    succeeded = _metric(flower.get("/metrics").body, "flower_events_total", task="guild.train", type="task-succeeded")
+    assert not succeeded, "a waiting job was counted as a success"
+
+    # ---- history across a restart --------------------------------------------------------------------------
+    flower.stop()
+    assert (guild_home / "flower").stat().st_mode & 0o777 == 0o700
+    again = start_flower()
+    kept = again.task_info(behind)
+    assert kept is not None and kept["state"] == "WAITING" and kept["kwargs"] == waiting["kwargs"]
+    assert again.task_info(ahead)["kwargs"] == info["kwargs"]

@@ -16,11 +16,13 @@ import redis
 
 from campaigns.campaign import CampaignStore
 from config.settings import Settings
+from jobs.cli_format import job_view
 from jobs.job import JobStatus
 from jobs.memory_store import MemoryJobStore
 from jobs.submit import SubmitRequest, submit
 from tasks.engines import StandInEngine
 from tasks.lifecycle import JobRunner, OutcomeKind
+from tasks.sweeper import release_due, sweep_once
 from tests.services import REPO
 
 EXAMPLES = REPO / "examples"
@@ -113,8 +115,10 @@ def test_transient_failure_requeues_with_backoff_then_fails_past_max_attempts(se
     assert job.attempts == 1 and "CUDA out of memory" in job.last_error
     assert store.runtime(job_id).retry_at > time.time()  # backoff: not before retry_at
     assert "retry in 5 s" in store.history(job_id)[-1]["reason"]
-    deferred = runner.run(job_id, Publisher())
-    assert deferred.action is OutcomeKind.DEFERRED and runner.engine.calls == 1
+    delivered = Publisher()
+    waiting = runner.run(job_id, delivered)
+    assert waiting.action is OutcomeKind.WAITING and runner.engine.calls == 1 and delivered.sent == []
+    assert waiting.detail.startswith("waiting for its retry backoff until ")
     for expected_attempts in (2, 3):
         store.update(job_id, retry_at=0)
         runner.run(job_id, Publisher())
@@ -210,6 +214,74 @@ def test_a_multi_rank_workers_progress_says_its_ranks(settings, store):
     assert shown and "ranks" not in shown[0]  # a one-process worker says nothing of ranks
 
 
+# ------------------------------------------------------------------------------------------- waiting (parked)
+
+
+def test_a_job_behind_another_of_its_campaign_waits_without_a_message_and_starts_when_it_ends(settings, store):
+    """The job ahead runs on worker A; B's delivery on worker B parks (no republish, no loop); A's end wakes it."""
+    first = _enqueue(settings, store, sets={"max_steps": "3"}, campaign="shared")
+    second = _enqueue(settings, store, path=EXAMPLES / "messages.jsonl", sets={"max_steps": "2"}, campaign="shared")
+    other_worker, parked = _runner(settings, store, Engine(), name="gpu1@t"), []
+
+    def deliver_second(step):
+        if step == 1:
+            sent = Publisher()
+            parked.append((other_worker.run(second, sent), sent.sent, store.runtime(second).waiting))
+
+    woke = Publisher()
+    assert _runner(settings, store, Engine(on_step=deliver_second)).run(first, woke).action is OutcomeKind.COMPLETED
+    [(outcome, sent, wait)] = parked
+    assert outcome.action is OutcomeKind.WAITING and outcome.detail == f"after job {first} of campaign shared"
+    assert sent == [] and wait.after == first and wait.kind.value == "campaign"
+    assert woke.sent == [(second, "normal", True)]  # the end of the first woke it, at the head of its queue
+    assert store.runtime(second).waiting is None and store.waiting() == {} and store.unpublished(0) == []
+    assert other_worker.run(second, Publisher()).action is OutcomeKind.COMPLETED
+    assert store.get(second).start_step == 3
+
+
+def test_a_job_behind_a_queued_one_waits_for_it_and_the_sweep_wakes_it_when_that_one_is_cancelled(
+        settings, store):
+    first = _enqueue(settings, store, campaign="c")
+    second = _enqueue(settings, store, path=EXAMPLES / "messages.jsonl", campaign="c")
+    store.mark_published([first, second])
+    outcome = _runner(settings, store, Engine()).run(second, Publisher())
+    assert outcome.action is OutcomeKind.WAITING and outcome.wait.after == first
+    from jobs.control import cancel_job
+
+    cancel_job(store, first)  # its message is in a queue somewhere; nobody may ever deliver it
+    sent = []
+    sweep_once(store, 60, lambda job_id, priority, at_head=False: sent.append((job_id, at_head)))
+    assert sent == [(second, True)] and store.waiting() == {}
+    assert _runner(settings, store, Engine()).run(second, Publisher()).action is OutcomeKind.COMPLETED
+
+
+def test_a_backoff_wait_is_released_by_the_sweep_when_it_is_over(settings, store, clock):
+    job_id = _enqueue(settings, store, sets={"max_steps": "2"})
+    store.mark_published([job_id])
+    runner = _runner(settings, store, Engine(raises=OutOfMemoryError("CUDA out of memory")))
+    runner.run(job_id, Publisher())
+    waiting = runner.run(job_id, Publisher())
+    assert waiting.action is OutcomeKind.WAITING and waiting.wait.until == store.runtime(job_id).retry_at
+    sent = []
+    assert release_due(store, lambda *a, **k: sent.append(a)) == [] and sent == []
+    clock.now = store.runtime(job_id).retry_at + 0.5
+    assert release_due(store, lambda job_id, priority, at_head=False: sent.append((job_id, at_head))) == [job_id]
+    assert sent == [(job_id, True)] and store.waiting() == {} and store.unpublished(0) == []
+
+
+def test_a_second_copy_of_a_running_jobs_message_is_dropped_not_parked(settings, store):
+    job_id = _enqueue(settings, store, sets={"max_steps": "3"})
+    copies = []
+
+    def deliver_again(step):
+        if step == 1:
+            copies.append(_runner(settings, store, Engine(), name="gpu1@t").run(job_id, Publisher()))
+
+    assert _runner(settings, store, Engine(on_step=deliver_again)).run(job_id, Publisher()).action is \
+        OutcomeKind.COMPLETED
+    assert copies[0].action is OutcomeKind.DROPPED and store.waiting() == {}
+
+
 # ------------------------------------------------------------------------------------------- the happy path
 
 
@@ -224,6 +296,27 @@ def test_a_job_completes_and_advances_its_campaign(settings, store, home):
     assert campaign.current_step == 4 and campaign.latest_checkpoint == job.metadata["checkpoint"]
     assert campaign.latest_checkpoint.endswith("step-00004") and campaign.job_ids == [job_id]
     assert [h["to"] for h in store.history(job_id)] == ["queued", "processing", "completed"]
+
+
+class ReportingEngine(Engine):
+    """Returns what the torch engine reports beside the figures: the attention path, loss kernel, warnings."""
+
+    def run_job(self, *args, **kw):
+        result = super().run_job(*args, **kw)
+        result.attention, result.loss_kernel = "per_document", "chunked"
+        result.warnings = ["warmup_steps=0 with decay_steps=0: the LR is 0 from the first step"]
+        return result
+
+
+def test_what_the_engine_ran_and_its_warnings_reach_the_record_and_jobs_show(settings, store):
+    job_id = _enqueue(settings, store, sets={"max_steps": "2"})
+    assert _runner(settings, store, ReportingEngine()).run(job_id, Publisher()).action is OutcomeKind.COMPLETED
+    job = store.get(job_id)
+    assert (job.metadata["attention"], job.metadata["loss_kernel"]) == ("per_document", "chunked")
+    assert job.metadata["engine_warnings"] == ["warmup_steps=0 with decay_steps=0: the LR is 0 from the first step"]
+    shown = job_view(job).splitlines()
+    assert "attention:         per_document" in shown and "loss_kernel:       chunked" in shown
+    assert "warning:           warmup_steps=0 with decay_steps=0: the LR is 0 from the first step" in shown
 
 
 def test_the_worker_trains_the_plan_frozen_at_enqueue(settings, store, home):

@@ -28,16 +28,17 @@ def _running_step(store, job_id, at_least=1, timeout_s=120):
     return wait_until(step, timeout_s, what=f"{job_id} to reach step {at_least}")
 
 
-def test_plan_orders_by_priority_then_age_with_etas(store, run_cli):
+def test_plan_orders_by_priority_then_age_and_guesses_no_eta_without_workers(store, run_cli):
     for i, prio in enumerate(["low", "normal", "high", "normal"]):
         store.create(_job(i, prio, tokens=8000), f"sha{i}")
     out = run_cli("jobs", "plan", "--json")
     assert out.returncode == 0, out.stderr
     plan = json.loads(out.stdout)
     assert [j["id"] for j in plan["jobs"]] == ["j2", "j1", "j3", "j0"]
-    etas = [j["eta_s"] for j in plan["jobs"]]
-    assert etas == sorted(etas) and etas[0] == pytest.approx(1.0)  # 8000 tokens at the hero's 8000 tok/s
-    assert plan["totals"] == {"jobs": 4, "num_examples": 40, "estimated_tokens": 32000, "eta_s": 4.0}
+    # No worker online: no ETA rather than a guess (tests/test_queue_plan.py pins the ETAs themselves).
+    assert [j["eta_s"] for j in plan["jobs"]] == [None] * 4
+    assert plan["totals"] == {"jobs": 4, "num_examples": 40, "train_tokens": 32000, "eta_s": None,
+                              "note": "no worker online: nothing starts before one does (make worker GPU=N)"}
 
 
 def test_enqueue_plan_shows_where_files_land_and_enqueues_nothing(store, run_cli, redis_client):

@@ -13,6 +13,7 @@ from jobs.memory_store import MemoryJobStore
 from jobs.queues import celery_key
 from jobs.retry import RetryPolicy
 from jobs.store import JobStore
+from jobs.waiting import Wait
 
 
 def _job(job_id="20260101T000000_a", priority="normal", campaign="c1"):
@@ -188,6 +189,42 @@ def test_workers_and_pauses(any_store):
     assert any_store.paused_workers() == set()
 
 
+def test_a_parked_job_waits_until_its_campaign_is_free_and_it_is_first(any_store):
+    a = any_store.create(_job("a"), "sha-a")
+    b = any_store.create(_job("b"), "sha-b")
+    wait_b = Wait.for_campaign("c1", after="a", now=5.0)
+    assert any_store.park("b", wait_b) and any_store.runtime("b").waiting == wait_b
+    assert any_store.waiting() == {"b": wait_b} and any_store.waits(["a", "b"]) == {"b": wait_b}
+    # The first job of a free campaign may not park: it would miss the wake-up meant for it.
+    assert not any_store.park("a", Wait.for_campaign("c1", after=None))
+    assert any_store.wake_head("c1") is None  # a is first and not parked: nothing to wake
+    any_store.claim(a.id, "w", token="t")
+    assert any_store.acquire_campaign_lock("c1", "w:a", 60)
+    assert any_store.wake_head("c1") is None  # the campaign is held
+    any_store.transition(a.id, JobStatus.COMPLETED, owner="t")
+    any_store.release_campaign_lock("c1", "w:a")
+    any_store.mark_published([a.id, b.id])
+    assert any_store.wake_head("c1") == b.id and any_store.wake_head("c1") is None  # woken once
+    assert any_store.runtime(b.id).waiting is None and any_store.waiting() == {}
+    assert any_store.unpublished(0) == [b.id]  # until its message is sent
+
+
+def test_a_backoff_wait_is_due_at_its_time_and_any_status_change_ends_a_wait(any_store):
+    any_store.create(_job("a"), "sha-a")
+    any_store.create(_job("b", campaign="c2"), "sha-b")
+    any_store.mark_published(["a", "b"])
+    assert any_store.park("a", Wait.for_backoff("c1", until=any_store.clock.now + 10))
+    assert any_store.release_due() == [] and any_store.wake_head("c1") is None  # not before its time
+    any_store.clock.now += 10
+    assert any_store.release_due() == ["a"] and any_store.release_due() == []
+    assert any_store.unpublished(0) == ["a"]
+    assert any_store.acquire_campaign_lock("c2", "w:x", 60)
+    assert any_store.park("b", Wait.for_campaign("c2", after="x"))  # first of c2, but c2 is held...
+    any_store.transition("b", JobStatus.CANCELLED)  # ...then cancelled: no longer waiting
+    assert any_store.waiting() == {} and any_store.runtime("b").waiting is None
+    assert not any_store.park("b", Wait.for_campaign("c2", after="x"))  # only a queued job waits
+
+
 def test_dead_letters(any_store):
     any_store.dead_letter(b'"hello"', {"id": "x", "task": "guild.train"}, "ValueError: too many values", "normal")
     any_store.dead_letter(b"\xff\x00binary", {}, "cannot decode", "low")
@@ -243,11 +280,11 @@ def test_check_layout_names_every_wrong_key(store, redis_client):
     assert store.check_layout() == []
     redis_client.delete(keys.JOBS_SUMMARY)
     redis_client.lpush(keys.JOBS_SUMMARY, "x")
-    redis_client.hset("high", "not", "a list")
+    redis_client.hset(celery_key("high"), "not", "a list")  # the queue's list, under kombu's prefix
     problems = store.check_layout()
     assert len(problems) == 2
     assert any("guild:jobs:summary is a list, not a hash" in p for p in problems)
-    assert any("high is a hash, not a list" in p for p in problems)
+    assert any("guild-celery:high is a hash, not a list" in p for p in problems)
 
 
 def test_move_message_to_head_finds_non_ascii_ids(store, redis_client, redis_server):

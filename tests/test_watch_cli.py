@@ -13,6 +13,7 @@ import threading
 import pytest
 
 from jobs.job import Job, JobStatus
+from jobs.waiting import Wait
 from jobs.watch_cli import watch_jobs
 from tests.services import REPO, stop_pid, wait_until
 
@@ -61,6 +62,15 @@ def test_a_queued_job_shows_its_place_in_the_queue(store):
     assert watch_jobs(store, ["w2"], poll_s=0.1, timeout_s=0.5, stream=out) == 1
     assert "w2: queued (3 of 3 in the queue)" in out.getvalue()
     assert "still queued after 0 s; stopped watching (the job goes on: python -m jobs watch w2)" in out.getvalue()
+
+
+def test_a_parked_job_says_what_it_waits_for(store):
+    for i in range(2):
+        _job(store, i, "normal")
+    assert store.park("w1", Wait.for_campaign("c", after="w0"))
+    out = io.StringIO()
+    watch_jobs(store, ["w1"], poll_s=0.1, timeout_s=0.3, stream=out)
+    assert "w1: queued — after job w0 of campaign c (2 of 2 in the queue)" in out.getvalue()
 
 
 def test_json_mode_prints_only_the_final_records_on_stdout(store, capsys):
