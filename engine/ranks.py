@@ -18,6 +18,10 @@ A failed gang is gone (every rank stopped and reaped, :mod:`engine.gang`); the n
 that cannot run, a broken checkpoint: every rank raises it alike) is raised as itself, so the job is skipped or
 failed exactly as on one process.
 
+**Evaluation.** A campaign's eval set (``evaluation``) is evaluated by every rank alike, at the same steps (FSDP's
+forwards are collective, so no rank may skip them): the same loss and probe answers on each; rank 0's points reach
+``on_eval`` through the gang's report channel, beside its progress.
+
 **Heartbeats.** Each rank reports every optimizer step. Before its first step (loading, tokenising) and while
 rank 0 writes a checkpoint a rank beats from a thread; a rank stuck there is caught by its peers' collective
 timeout instead.
