@@ -121,23 +121,27 @@ def _worker_checks(queues) -> list[Check]:
 
 
 def _worker_device_checks(worker_names: list[str]) -> list[Check]:
-    """Workers on this host named ``gpuN`` against the GPUs this host shows (a missing one trains on the CPU)."""
+    """Workers on this host named ``gpuN`` or ``gpuA-B`` against the GPUs this host shows (a missing one would
+    leave the worker without it)."""
     import socket
 
-    from tasks.device_check import pinned_gpu_of, visible_gpus
+    from tasks.device_check import gpus_of, visible_gpus
 
-    here = [n for n in worker_names if n.split("@", 1)[-1] == socket.gethostname() and pinned_gpu_of(n) is not None]
+    here = [n for n in worker_names if n.split("@", 1)[-1] == socket.gethostname() and gpus_of(n) is not None]
     if not here:
         return []
     gpus = {g.index for g in visible_gpus()}
     out = []
     for name in here:
-        pinned = pinned_gpu_of(name)
-        out.append(Check(f"worker {name} device", pinned in gpus,
-                         f"named for GPU {pinned}; this host shows {len(gpus)} GPU(s)"
-                         + ("" if pinned in gpus else ": it trains on the CPU"),
-                         f"stop it and start a CPU worker (make worker GPU=cpu, named cpu0@host) or run it on the host "
-                         f"that has GPU {pinned}"))
+        owned = gpus_of(name)
+        missing = [g for g in owned if g not in gpus]
+        what = f"GPU {owned[0]}" if len(owned) == 1 else f"GPUs {','.join(map(str, owned))} (one rank each)"
+        out.append(Check(f"worker {name} device", not missing,
+                         f"named for {what}; this host shows {len(gpus)} GPU(s)"
+                         + (f": GPU {','.join(map(str, missing))} missing" if missing else "")
+                         + (", it trains on the CPU" if missing and len(missing) == len(owned) else ""),
+                         "stop it and start it with the GPUs this host has (make worker GPU=N or GPUS=0,1,...), or a "
+                         "CPU worker (make worker GPU=cpu, named cpu0@host)"))
     return out
 
 
@@ -204,6 +208,7 @@ def _job_checks(settings, store, min_depth: int) -> list[Check]:
     out.append(Check("campaign-locks", not stale_locks, f"{len(stale_locks)} stale campaign lock(s)"
                      + (f": {', '.join(stale_locks)}" if stale_locks else ""),
                      "they expire with their lease (GUILD_HEARTBEAT_STALE_S)"))
+    out.append(_rank_check(store.list(status="processing")))
     dead = store.dead_letter_count()
     out.append(Check("dead-letters", dead == 0, f"{dead} message(s) no worker could run, kept aside",
                      "look at them with `python -m jobs dead-letters` (who sent them?), resend the jobs they were for, "
@@ -215,6 +220,19 @@ def _job_checks(settings, store, min_depth: int) -> list[Check]:
                      f"messages high={queue_lengths['high']} normal={queue_lengths['normal']} "
                      f"low={queue_lengths['low']} (min depth {min_depth})", "enqueue work: python -m enqueue FILE"))
     return out
+
+
+def _rank_check(processing) -> Check:
+    """Jobs of multi-rank workers: every rank process alive, as their last progress says (a gang that lost a rank
+    fails its job within its timeouts; the job is then retried from its checkpoint)."""
+    gangs = [(j, j.progress) for j in processing if j.progress and j.progress.get("ranks") is not None]
+    short = [f"{j.id} {p['ranks']}/{p['ranks_expected']}" for j, p in gangs if p["ranks"] < p["ranks_expected"]]
+    running = ", ".join(f"{j.id} {p['ranks']}/{p['ranks_expected']}" for j, p in gangs if p["ranks"] >=
+                        p["ranks_expected"])
+    detail = (f"{len(gangs)} multi-rank job(s) running" + (f": {running}" if running else "")
+              + (f"; ranks missing: {', '.join(short)}" if short else ""))
+    return Check("ranks", not short, detail, "a gang that lost a rank is torn down within GUILD_GANG_TIMEOUT_S and its "
+                 "job retried from its last checkpoint; see the worker's log if it persists")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,6 +17,15 @@ What it does, in order, writing ``$OUT/gpu.json`` after each part (so a run cut 
 4. ``bench/hf_trainer_anchor.py`` (the shared anchor, unchanged) in a subprocess: ``$OUT/gpu_anchor.json``; the
    ratio against its runs lands in ``gpu.json``.
 
+LoRA and QLoRA (issue 14): ``--finetune lora,qlora`` (or ``FINETUNE=lora,qlora``) trains a rank-16 adapter on every
+projection over the frozen base (QLoRA: a 4-bit NF4 base through bitsandbytes, CUDA only; skipped with a note
+elsewhere) instead of full tuning; each run then records the trainable parameters and heroes/memory.py's estimate
+beside the measured peak (MFU still counts 6·N over all parameters: compare tok/s and memory). The one command:
+
+    OUT=/some/dir python bench/gpu.py --finetune lora,qlora --seqs 2048 --no-anchor --no-check   # ~3 min on an H200
+
+writes ``$OUT/gpu-lora-qlora.json`` (``gpu.json`` is full tuning's). ``--finetune full,lora,qlora`` measures all three.
+
 Random-initialised weights (same shapes and FLOPs as Qwen/Qwen3-0.6B); the tokenizer saved beside them is the tiny
 hero's (only checkpoints need one). Targets (issue 10): >= 110k useful tok/s at <= 40 GiB on one H200.
 """
@@ -239,9 +248,14 @@ def correctness(model_path: Path, device: torch.device, smoke: bool, bf16: bool)
 # ------------------------------------------------------------------------------------------------- throughput
 
 
-def throughput(model_path: Path, seq: int, args, work: Path, ceiling: float | None, peak: float | None) -> dict:
-    from config.schema import DataConfig, Hyperparams, TrainerConfig
+ADAPTER = {"lora_rank": 16, "lora_alpha": 32, "lora_dropout": 0.0}  # every projection (the schema's default targets)
+
+
+def throughput(model_path: Path, seq: int, args, work: Path, ceiling: float | None, peak: float | None,
+               finetune: str = "full") -> dict:
+    from config.schema import DataConfig, FinetuneConfig, Hyperparams, TrainerConfig
     from engine.trainer import TrainerEngine
+    from heroes.memory import GIB, ModelShape, estimate_memory
 
     cuda = torch.cuda.is_available()
     rows = max(1, args.tokens_per_step // seq) if not args.smoke else 2
@@ -264,7 +278,9 @@ def throughput(model_path: Path, seq: int, args, work: Path, ceiling: float | No
             loss_kernel=args.loss_kernel,
         ),
         data=DataConfig(enable_packing=True),
+        finetune=FinetuneConfig(mode=finetune, **(ADAPTER if finetune != "full" else {})),
     )
+    estimate = estimate_memory(ModelShape.from_hf_config(json.loads((model_path / "config.json").read_text())), config)
     engine = TrainerEngine(compile=args.compile)
     marks: list[float] = []
     tokens: list[int] = []
@@ -289,6 +305,9 @@ def throughput(model_path: Path, seq: int, args, work: Path, ceiling: float | No
         shutil.rmtree(checkpoints, ignore_errors=True)
     total_s = time.perf_counter() - started
     n_params = sum(p.numel() for p in engine._model.parameters())
+    trainable = sum(p.numel() for p in engine._model.parameters() if p.requires_grad)
+    if finetune != "full":  # the base's parameters (4-bit ones are packed two to a byte; the adapter is tiny)
+        n_params = ModelShape.from_hf_config(json.loads((model_path / "config.json").read_text())).parameters()
     w = min(args.warmup, len(marks) - 1)
     timed_s = marks[-1] - marks[w - 1] if w >= 1 else total_s
     useful = sum(tokens[w:])
@@ -297,6 +316,7 @@ def throughput(model_path: Path, seq: int, args, work: Path, ceiling: float | No
     flops = 6 * n_params * tok_s / 1e12
     peak_gib = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
     report = {
+        "finetune": finetune,
         "seq": seq,
         "rows_per_step": rows,
         "steps_timed": len(marks) - w,
@@ -307,6 +327,7 @@ def throughput(model_path: Path, seq: int, args, work: Path, ceiling: float | No
         "loss_kernel": result.loss_kernel,
         "compile": args.compile,
         "params": n_params,
+        "trainable_params": trainable,
         "useful_tok_s": round(tok_s, 1),
         "pad_fraction": round(1 - useful / slots, 4),
         "step_s": round(timed_s / (len(marks) - w), 4),
@@ -314,13 +335,14 @@ def throughput(model_path: Path, seq: int, args, work: Path, ceiling: float | No
         "mfu_6N_vs_measured_matmul": round(flops / ceiling, 4) if ceiling else None,
         "peak_mem_gib": round(peak_gib, 2) if peak_gib is not None else None,
         "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2) if cuda else None,
+        "estimated_mem_gib": round(estimate.total / GIB, 2),  # heroes/memory.py, for calibration
         "first_loss": result.loss_history[0][1] if result.loss_history else None,
         "final_loss": result.final_loss,
         "setup_s": round(result.setup_s, 1),
         "total_s": round(total_s, 1),
         "warnings": result.warnings,
     }
-    if cuda:
+    if cuda and finetune == "full":
         report["meets_target"] = tok_s >= TARGET_TOK_S and peak_gib <= TARGET_GIB
     del engine
     if cuda:
@@ -373,7 +395,13 @@ def main() -> None:
     parser.add_argument("--no-compile", dest="compile", action="store_false")
     parser.add_argument("--no-anchor", dest="anchor", action="store_false")
     parser.add_argument("--no-check", dest="check", action="store_false", help="skip the correctness check")
+    parser.add_argument("--finetune", default=os.environ.get("FINETUNE", "full"),
+                        help="full, lora, qlora or a comma-separated list (default full; env FINETUNE)")
     args = parser.parse_args()
+    finetunes = [f.strip() for f in args.finetune.split(",") if f.strip()]
+    unknown = [f for f in finetunes if f not in ("full", "lora", "qlora")]
+    if unknown or not finetunes:
+        parser.error(f"--finetune {args.finetune!r}: use full, lora, qlora or a comma-separated list of them")
     cuda = torch.cuda.is_available()
     args.smoke = args.smoke or not cuda
     args.steps = args.steps or (3 if args.smoke else 30)
@@ -399,8 +427,11 @@ def main() -> None:
 
     report["transformers"] = transformers.__version__
 
+    report["finetune"] = finetunes
+    report_name = "gpu.json" if finetunes == ["full"] else f"gpu-{'-'.join(finetunes)}.json"
+
     def write() -> None:
-        (out / "gpu.json").write_text(json.dumps(report, indent=1, default=str))
+        (out / report_name).write_text(json.dumps(report, indent=1, default=str))
 
     report["measured_matmul_tflops"] = ceiling = matmul_ceiling_tflops(cuda)
     print(f"{name}: spec bf16 {peak} TFLOP/s, measured matmul {ceiling and round(ceiling)} TFLOP/s", flush=True)
@@ -423,14 +454,18 @@ def main() -> None:
                 )
                 write()
         report["runs"] = []
-        for seq in seqs:
-            try:
-                run = throughput(model_path, seq, args, work, ceiling, peak)
-            except Exception as exc:  # noqa: BLE001 - keep the other lengths and the anchor
-                run = {"seq": seq, "error": f"{type(exc).__name__}: {exc}"[:2000]}
-            report["runs"].append(run)
-            print(json.dumps(run), flush=True)
-            write()
+        for finetune in finetunes:
+            for seq in seqs:
+                if finetune == "qlora" and not cuda:
+                    run = {"finetune": finetune, "seq": seq, "skipped": "QLoRA needs CUDA and bitsandbytes"}
+                else:
+                    try:
+                        run = throughput(model_path, seq, args, work, ceiling, peak, finetune)
+                    except Exception as exc:  # noqa: BLE001 - keep the other runs and the anchor
+                        run = {"finetune": finetune, "seq": seq, "error": f"{type(exc).__name__}: {exc}"[:2000]}
+                report["runs"].append(run)
+                print(json.dumps(run), flush=True)
+                write()
         if args.anchor:
             report["anchor"] = anchor = run_anchor(out, args.smoke, 10 if args.smoke else 30)
             hf = {r["name"]: r["useful_tok_s"] for r in anchor.get("result", {}).get("runs", [])}
@@ -442,14 +477,14 @@ def main() -> None:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     summary = [
-        f"seq {r['seq']}: {r['useful_tok_s']:.0f} useful tok/s, MFU {r['mfu_6N_vs_spec']} of spec / "
+        f"{r['finetune']} seq {r['seq']}: {r['useful_tok_s']:.0f} useful tok/s, MFU {r['mfu_6N_vs_spec']} of spec / "
         f"{r['mfu_6N_vs_measured_matmul']} of measured, peak {r['peak_mem_gib']} GiB"
         if "useful_tok_s" in r
-        else f"seq {r['seq']}: {r.get('error')}"
+        else f"{r['finetune']} seq {r['seq']}: {r.get('error') or r.get('skipped')}"
         for r in report["runs"]
     ]
-    print(f"gpu bench ({name}): " + "; ".join(summary) + f". Written to {out / 'gpu.json'}")
-    failed = [r for r in report["runs"] if r.get("status") != "completed"]
+    print(f"gpu bench ({name}): " + "; ".join(summary) + f". Written to {out / report_name}")
+    failed = [r for r in report["runs"] if r.get("status") != "completed" and "skipped" not in r]
     if failed or (args.check and not all(c["ok"] for c in report["correctness"])):
         sys.exit(1)
 

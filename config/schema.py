@@ -21,6 +21,7 @@ FINETUNE_MODES = ("full", "lora", "qlora")
 QWEN3_LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 ATTENTION_PATHS = ("auto", "per_document", "flex", "flash_varlen", "sdpa_dense")  # engine.attention.AttentionPath
 LOSS_KERNELS = ("auto", "chunked", "liger")  # engine.loss.LossKernel
+SHARDINGS = ("none", "fsdp")  # engine.data_parallel: replicated (DDP) or sharded (FSDP2) over a worker's ranks
 DECAYING_SCHEDULERS = ("linear", "cosine")
 
 
@@ -51,6 +52,7 @@ class Hyperparams:
     attention: str = "auto"  # how packed examples are kept apart (engine.attention); auto picks by device
     loss_kernel: str = "auto"  # lm_head + cross-entropy: chunked, or liger (auto: liger on CUDA when installed)
     deterministic: bool = False  # deterministic kernels, for bitwise resume on CUDA (slower; engine.determinism)
+    sharding: str = "none"  # on a multi-GPU worker: none (DDP, replicated) or fsdp (weights/optimizer sharded)
 
 
 @dataclass(frozen=True)
@@ -157,7 +159,7 @@ def field_specs() -> dict[str, FieldSpec]:
 
 _CHOICES = {"hyperparams.lr_scheduler": LR_SCHEDULERS, "hyperparams.precision": PRECISIONS,
             "optimizer.name": ("adamw",), "finetune.mode": FINETUNE_MODES, "hyperparams.attention": ATTENTION_PATHS,
-            "hyperparams.loss_kernel": LOSS_KERNELS}
+            "hyperparams.loss_kernel": LOSS_KERNELS, "hyperparams.sharding": SHARDINGS}
 _POSITIVE = {"hyperparams.epochs", "hyperparams.batch_size", "hyperparams.gradient_accumulation_steps",
              "hyperparams.max_length", "hyperparams.save_steps", "hyperparams.save_total_limit", "queue.max_attempts",
              "finetune.lora_rank", "finetune.lora_alpha"}
@@ -277,6 +279,12 @@ def check_config(config: TrainerConfig, sources: dict[str, str] | None = None) -
             f"{hp.batch_size}{where('hyperparams.global_batch_size')} (rows per optimizer step = batch_size x ranks "
             f"x accumulation): set global_batch_size to a multiple of {hp.batch_size}, or 0 to use batch_size x "
             "gradient_accumulation_steps"
+        )
+    if hp.sharding == "fsdp" and config.finetune.mode != "full":
+        problems.append(
+            f"hyperparams.sharding=fsdp{where('hyperparams.sharding')} shards full fine-tuning only; finetune.mode "
+            f"{config.finetune.mode}{where('finetune.mode')} keeps a small adapter's optimizer state: set "
+            "hyperparams.sharding=none"
         )
     return problems
 

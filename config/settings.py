@@ -42,6 +42,11 @@ class Settings:
         engine_factory: ``GUILD_ENGINE_FACTORY=module:callable``, the training engine a worker builds
             (``callable(settings)``); unset: the real engine. ``tasks.engines:StandInEngine`` sleeps instead of
             training (benchmarks and tests of the queue, without torch).
+        ranks: processes a job of this worker trains on (:func:`worker_ranks`): one per GPU that
+            ``CUDA_VISIBLE_DEVICES`` lists, or ``GUILD_RANKS`` CPU ranks on a CPU worker (``CUDA_VISIBLE_DEVICES=""``).
+        rank_device: "cuda" or "cpu": what the ranks train on when ``ranks > 1``.
+        gang_timeout_s: ``GUILD_GANG_TIMEOUT_S``: a collective that waits longer, or a rank silent for longer,
+            fails a multi-rank job (which is then retried from its last checkpoint).
     """
 
     guild_home: Path
@@ -59,6 +64,9 @@ class Settings:
     max_dataset_bytes: int | None = None  # None: engine.formats' default (see dataset_limits)
     max_line_bytes: int | None = None
     max_examples: int | None = None
+    ranks: int = 1
+    rank_device: str = "cpu"
+    gang_timeout_s: float = 300.0
 
     @property
     def dataset_limits(self):
@@ -84,6 +92,7 @@ class Settings:
                 raise SettingsError("GUILD_VISIBILITY_TIMEOUT_S must be positive")
         else:
             vt_int = None
+        ranks, rank_device = worker_ranks(env.get("CUDA_VISIBLE_DEVICES"), _count(env, "GUILD_RANKS"))
         return cls(
             heartbeat_stale_s=_seconds(env, "GUILD_HEARTBEAT_STALE_S", 60.0),
             sweep_interval_s=_seconds(env, "GUILD_SWEEP_INTERVAL_S", 15.0),
@@ -100,7 +109,30 @@ class Settings:
             max_dataset_bytes=_count(env, "GUILD_MAX_DATASET_BYTES"),
             max_line_bytes=_count(env, "GUILD_MAX_LINE_BYTES"),
             max_examples=_count(env, "GUILD_MAX_EXAMPLES"),
+            gang_timeout_s=_seconds(env, "GUILD_GANG_TIMEOUT_S", 300.0),
+            ranks=ranks,
+            rank_device=rank_device,
         )
+
+
+def worker_ranks(cuda_visible_devices: str | None, guild_ranks: int | None) -> tuple[int, str]:
+    """``(ranks, device)`` of a worker's jobs: one rank per GPU that ``CUDA_VISIBLE_DEVICES`` lists (a GPU worker);
+    ``GUILD_RANKS`` CPU ranks with ``CUDA_VISIBLE_DEVICES=""`` (a CPU worker; tests and development); else one.
+
+    Raises:
+        SettingsError: ``GUILD_RANKS`` contradicts the GPU list, or asks for ranks without saying on what.
+    """
+    listed = (cuda_visible_devices or "").strip()
+    if listed and listed != "-1":
+        gpus = [d for d in listed.split(",") if d.strip()]
+        if guild_ranks is not None and guild_ranks != len(gpus):
+            raise SettingsError(f"GUILD_RANKS={guild_ranks} but CUDA_VISIBLE_DEVICES={cuda_visible_devices!r} lists "
+                                f"{len(gpus)} GPU(s): a GPU worker runs one rank per GPU; unset GUILD_RANKS")
+        return len(gpus), "cuda"
+    if cuda_visible_devices is None and guild_ranks is not None and guild_ranks > 1:
+        raise SettingsError(f"GUILD_RANKS={guild_ranks} needs CUDA_VISIBLE_DEVICES=\"\" (CPU ranks); for GPUs, list "
+                            "them instead (CUDA_VISIBLE_DEVICES=0,1,..., or make worker GPUS=0,1,...)")
+    return guild_ranks or 1, "cpu"
 
 
 def _seconds(env, name: str, default: float) -> float:

@@ -50,8 +50,12 @@ class DataOrder:
         return self._epochs[epoch]
 
 
-def job_steps(order: DataOrder, hp: Hyperparams) -> int:
-    """Optimizer steps of one job: ``max_steps`` when set, else what ``epochs`` passes over the data take."""
+def job_steps(order: DataOrder, hp: Hyperparams, micro_batches_per_step: int | None = None) -> int:
+    """Optimizer steps of one job: ``max_steps`` when set, else what ``epochs`` passes over the data take.
+
+    ``micro_batches_per_step``: over all ranks (``gradient_accumulation_steps`` of one process by default).
+    """
     if hp.max_steps > 0:
         return hp.max_steps
-    return math.ceil(hp.epochs * order.micro_batches_per_epoch / hp.gradient_accumulation_steps)
+    per_step = micro_batches_per_step or hp.gradient_accumulation_steps
+    return math.ceil(hp.epochs * order.micro_batches_per_epoch / per_step)

@@ -28,6 +28,7 @@ import os
 import random
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -69,11 +70,15 @@ STATE_FORMAT = 1
 
 
 def save_checkpoint(
-    checkpoint_dir: Path, step: int, model, optimizer, tokenizer, state: dict[str, Any], save_total_limit: int
+    checkpoint_dir: Path, step: int, model, optimizer, tokenizer, state: dict[str, Any], save_total_limit: int,
+    *, model_state: dict[str, torch.Tensor] | None = None, optimizer_state: dict[str, Any] | None = None,
 ) -> Path:
     """Write the checkpoint of ``step`` atomically and prune old ones; return its directory.
 
     If a complete checkpoint of ``step`` already exists it is kept and returned as is.
+
+    ``model_state`` and ``optimizer_state`` replace ``model.state_dict()`` and ``optimizer.state_dict()`` when given
+    (a sharded model's full state, gathered by :mod:`engine.data_parallel`); the files are the same either way.
 
     Raises:
         CheckpointError: a weight of ``model`` is NaN or infinite. Nothing is written, so the last good
@@ -83,7 +88,10 @@ def save_checkpoint(
     final = checkpoint_dir / checkpoint_name(step)
     if is_complete(final):
         return final
-    check_finite_weights(model, step)
+    if model_state is None:
+        check_finite_weights(model, step)
+    else:
+        _check_finite_tensors(model_state.items(), step)
     tmp = checkpoint_dir / f"{TMP_PREFIX}{step:05d}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -91,11 +99,13 @@ def save_checkpoint(
 
     if is_adapted(model):  # LoRA/QLoRA: the base never changes, the adapter is what this checkpoint holds
         save_adapter(model, tmp)
+    elif model_state is not None:
+        model.save_pretrained(tmp, state_dict=model_state)
     else:
         model.save_pretrained(tmp)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
-    tensors, meta = _optimizer_to_files(optimizer.state_dict())
+    tensors, meta = _optimizer_to_files(optimizer.state_dict() if optimizer_state is None else optimizer_state)
     save_file(tensors, str(tmp / OPTIMIZER_TENSORS))
     _write_json(tmp / OPTIMIZER_META, meta)
     rng_tensors, rng_meta = capture_rng()
@@ -126,7 +136,11 @@ def check_finite_weights(model, step: int) -> None:
 
     One device-to-host transfer for the whole model (the flags are stacked on the device first).
     """
-    named = [(name, p) for name, p in model.named_parameters()]
+    _check_finite_tensors(model.named_parameters(), step)
+
+
+def _check_finite_tensors(named_tensors, step: int) -> None:
+    named = list(named_tensors)
     if not named:
         return
     with torch.no_grad():
@@ -148,8 +162,12 @@ def _read_tensors_and_meta(path: Path, tensors_name: str, meta_name: str, what: 
         raise CheckpointError(f"{path}: cannot read {what} ({exc})") from None
 
 
-def load_optimizer_state(path: Path, optimizer) -> None:
-    """Load ``optimizer``'s state from a checkpoint (the optimizer must be built over the same parameters)."""
+def load_optimizer_state(path: Path, optimizer, load: Callable[[Any, dict], None] | None = None) -> None:
+    """Load ``optimizer``'s state from a checkpoint (the optimizer must be built over the same parameters).
+
+    Args:
+        load: ``load(optimizer, state_dict)`` instead of ``optimizer.load_state_dict`` (a sharded optimizer).
+    """
     path = Path(path)
     tensors, meta = _read_tensors_and_meta(path, OPTIMIZER_TENSORS, OPTIMIZER_META, "the optimizer state")
     state: dict[int, dict[str, Any]] = {}
@@ -164,7 +182,10 @@ def load_optimizer_state(path: Path, optimizer) -> None:
         for group in meta["param_groups"]
     ]
     try:
-        optimizer.load_state_dict({"state": state, "param_groups": groups})
+        if load is None:
+            optimizer.load_state_dict({"state": state, "param_groups": groups})
+        else:
+            load(optimizer, {"state": state, "param_groups": groups})
     except (ValueError, KeyError) as exc:
         raise CheckpointError(f"{path}: the optimizer state does not fit this model ({exc})") from None
 

@@ -13,6 +13,7 @@ A forward over a batch of eval rows holds about as many tokens as a training mic
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -108,10 +109,11 @@ def rows_per_batch(batch_size: int, train_length: int, eval_length: int) -> int:
 
 
 def loss_over(model, data_rows: Sequence[Sequence[int]], examples: Sequence[TokenizedExample], *, per_batch: int,
-              make_batch: MakeBatch, device: torch.device, autocast) -> tuple[float, int]:
+              make_batch: MakeBatch, device: torch.device, autocast, loss_fn=loss_sum) -> tuple[float, int]:
     """``(summed loss, loss tokens)`` over ``data_rows``, ``per_batch`` rows a forward, without gradients.
 
-    The model is in eval mode meanwhile and goes back to the mode it had.
+    The model is in eval mode meanwhile and goes back to the mode it had. ``loss_fn(model, batch)`` is
+    :func:`engine.loss.loss_sum`, or a data-parallel rank's (through its DDP/FSDP wrapper).
     """
     was_training = model.training
     model.eval()
@@ -122,7 +124,7 @@ def loss_over(model, data_rows: Sequence[Sequence[int]], examples: Sequence[Toke
             for i in range(0, len(data_rows), per_batch):
                 batch = make_batch(data_rows[i : i + per_batch], examples).to(device)
                 with autocast:
-                    total += loss_sum(model, batch).double()
+                    total += loss_fn(model, batch).double()
                 count += batch.num_loss_tokens
     finally:
         model.train(was_training)
@@ -159,12 +161,17 @@ class Evaluator:
         return cls(spec, data, tokenizer, chat)
 
     def evaluate(self, model, step: int, *, make_batch: MakeBatch, per_batch: int, device: torch.device,
-                 autocast) -> EvalPoint:
-        """Evaluate ``model`` (the weights of global step ``step``): the set's loss, then every probe's answer."""
+                 autocast, loss_fn=loss_sum, full_weights=None) -> EvalPoint:
+        """Evaluate ``model`` (the weights of global step ``step``): the set's loss, then every probe's answer.
+
+        ``loss_fn`` as in :func:`loss_over`; ``full_weights()``, when given, is a context manager under which
+        ``model`` holds all its weights (a sharded rank's: :meth:`engine.data_parallel.DataParallel.full_weights`).
+        """
         started = time.perf_counter()
         total, count = loss_over(model, self.data.rows, self.data.examples, per_batch=per_batch,
-                                 make_batch=make_batch, device=device, autocast=autocast)
-        answers = self.answer(model, device)
+                                 make_batch=make_batch, device=device, autocast=autocast, loss_fn=loss_fn)
+        with full_weights() if full_weights is not None else contextlib.nullcontext():
+            answers = self.answer(model, device)
         return EvalPoint(step=step, loss=total / count, num_examples=len(self.data.examples), num_loss_tokens=count,
                          seconds=time.perf_counter() - started, eval_set=self.spec.name, answers=tuple(answers))
 

@@ -3,32 +3,47 @@
     result = run_gang(train_rank, args=(...), config=GangConfig(ranks=4, device_type="cuda"),
                       on_progress=lambda payload: ..., should_stop=lambda: ...)
 
+    with Gang(GangConfig(ranks=2)) as gang:           # ranks kept warm between calls
+        first = gang.run(train_rank, args=(job_1,))
+        second = gang.run(train_rank, args=(job_2,))  # same processes, same process group, same loaded model
+
 Interface (what the trainer integration builds on):
 
 * ``fn(ctx, *args, **kwargs)`` runs in every rank after the process group is up; ``fn`` and its arguments must be
-  picklable (a module-level function; ranks are started with ``spawn``, never ``fork``). ``ctx`` is a
-  :class:`RankContext`: ``rank``, ``world_size``, ``device`` (``cuda:<rank>`` or ``cpu``), ``report(payload)``,
-  ``beat()`` and ``stop_requested()``. On the CPU each rank gets ``cores // ranks`` torch threads.
+  picklable (a module-level function of an importable module). Each rank is a fresh interpreter
+  (``subprocess``, never ``fork``; not ``multiprocessing`` either, whose children a daemonic process such as a
+  Celery pool worker may not have), with the parent's ``sys.path``, talking to the parent over a socket pair.
+  ``ctx`` is a :class:`RankContext`: ``rank``, ``world_size``, ``device`` (``cuda:<rank>`` or ``cpu``),
+  ``report(payload)``, ``beat()`` and ``stop_requested()``. On the CPU each rank gets ``cores // ranks`` torch
+  threads.
 * Rank 0's ``ctx.report(payload)`` reaches the parent's ``on_progress(payload)``, in order; a report from any rank
   is also a heartbeat. Every rank must report or ``beat()`` at least every ``silence_timeout_s`` (once per
   optimizer step is plenty).
 * ``should_stop()`` is polled by the parent; once it says True every rank's ``ctx.stop_requested()`` turns True.
   The ranks must agree on the step they stop at (the trainer all-reduces the flag), then save and return.
-* Rank 0's return value is :func:`run_gang`'s; the other ranks' are dropped. Rank 0 writes checkpoints.
+* Rank 0's return value is :meth:`Gang.run`'s (and :func:`run_gang`'s); the other ranks' are dropped. Rank 0 writes
+  checkpoints.
+* A :class:`Gang` keeps its processes between calls: module-level state of a rank (a loaded model) survives from
+  one call to the next. Between calls the ranks wait for the next one and nothing watches their heartbeats; a rank
+  that died meanwhile is found when the next call starts (:meth:`Gang.run` raises ``GangFailed`` at once).
 
 Failure: a rank that raises, exits without a result, is killed, or stays silent longer than ``silence_timeout_s``
 (``startup_timeout_s`` before its process group is up) fails the whole gang. The parent then sends SIGTERM to every
 rank's process group (each rank is a session leader, so processes a rank started go too), SIGKILL after
 ``grace_s``, reaps them, and raises :class:`GangFailed`: the job layer treats it as a failed attempt and retries
-from the last checkpoint. A collective waiting on a dead or hung peer fails by itself after
-``collective_timeout_s`` (the process group's timeout; NCCL with async error handling), which the parent sees as
-that rank raising. Ranks also die with their parent (``PR_SET_PDEATHSIG`` plus a parent-pid check), so a worker
-killed with ``kill -9`` leaves no rank holding a GPU. Every bound is a config value: a gang ends within
+from the last checkpoint. A failed gang is closed for good; the next call needs a new one. A collective waiting on
+a dead or hung peer fails by itself after ``collective_timeout_s`` (the process group's timeout; NCCL with async
+error handling), which the parent sees as that rank raising. Ranks also die with their parent
+(``PR_SET_PDEATHSIG`` plus a parent-pid check), so a worker killed with ``kill -9`` leaves no rank holding a GPU.
+``PR_SET_PDEATHSIG`` fires when the *thread* that started the ranks ends: start a gang from a thread that
+outlives it (the worker's main thread). Every bound is a config value: a gang ends within
 ``silence_timeout_s + grace_s`` of a rank hanging (``collective_timeout_s + grace_s`` when that is shorter and its
 peers wait on it in a collective), and within ``grace_s`` of a rank dying or raising; plus at most a second to tell
 cause from consequence, and reaping. When one failure brings
 others (peers lose their connection), the error names the cause: a rank killed by a signal first, else the
-earliest failure by the ranks' own clocks.
+earliest failure by the ranks' own clocks. The exception a rank raised travels with :class:`GangFailed`
+(``error``) when it can be pickled, so a caller can tell a deterministic error (bad data, a bad config: every
+rank raises it) from a failure of the gang.
 
 The rendezvous is a ``TCPStore`` hosted by the parent on a free loopback port (no port race; no MASTER_ADDR
 guessing); gloo on the CPU, NCCL on CUDA with rank ``r`` pinned to ``cuda:r`` of the worker's visible GPUs.
@@ -40,9 +55,12 @@ import contextlib
 import ctypes
 import datetime
 import logging
-import multiprocessing
 import os
+import pickle
 import signal
+import socket
+import subprocess
+import sys
 import threading
 import time
 import traceback
@@ -84,14 +102,20 @@ class GangFailed(RuntimeError):
     A transient failure of the attempt (the job resumes from its last checkpoint on retry), not of the job.
 
     Attributes:
-        rank: the rank that failed first; ``reason`` says how; ``rank_traceback`` is its traceback, if it raised.
+        rank: the rank that failed first; ``reason`` says how; ``rank_traceback`` is its traceback, if it raised;
+        ``error`` the exception it raised, when it could be pickled (else None).
     """
 
     transient = True
 
-    def __init__(self, rank: int, world_size: int, reason: str, rank_traceback: str | None = None):
+    def __init__(self, rank: int, world_size: int, reason: str, rank_traceback: str | None = None,
+                 error: BaseException | None = None):
         self.rank, self.world_size, self.reason, self.rank_traceback = rank, world_size, reason, rank_traceback
+        self.error = error
         super().__init__(f"rank {rank} of {world_size} {reason}; every rank of the gang was stopped")
+
+    def __reduce__(self):
+        return (type(self), (self.rank, self.world_size, self.reason, self.rank_traceback, None))
 
 
 class RankContext:
@@ -100,8 +124,13 @@ class RankContext:
     def __init__(self, rank: int, world_size: int, device, conn: Connection):
         self.rank, self.world_size, self.device = rank, world_size, device
         self._conn = conn
+        self._call = 0
         self._stop = False
         self._lock = threading.Lock()
+
+    def _begin(self, call: int) -> None:
+        with self._lock:
+            self._call, self._stop = call, False
 
     def beat(self) -> None:
         """Tell the parent this rank is alive and making progress."""
@@ -115,7 +144,7 @@ class RankContext:
         """True once the parent's ``should_stop`` said so (ranks must still agree on the step; see the module doc)."""
         with self._lock:
             while not self._stop and self._conn.poll():
-                if self._conn.recv() == ("stop",):
+                if self._conn.recv() == ("stop", self._call):  # a late stop of an earlier call is dropped
                     self._stop = True
         return self._stop
 
@@ -130,31 +159,148 @@ class RankContext:
 def run_gang(fn: Callable[..., Any], args: tuple = (), kwargs: dict | None = None, *, config: GangConfig,
              on_progress: Callable[[Any], None] | None = None,
              should_stop: Callable[[], bool] | None = None) -> Any:
-    """Run ``fn(ctx, *args, **kwargs)`` on ``config.ranks`` processes and return rank 0's result.
+    """Run ``fn(ctx, *args, **kwargs)`` once on a fresh gang of ``config.ranks`` processes; return rank 0's result.
 
     Raises:
         GangFailed: a rank raised, died, or hung; all ranks were stopped and reaped before this is raised.
     """
-    import torch.distributed as dist
+    with Gang(config) as gang:
+        return gang.run(fn, args, kwargs, on_progress=on_progress, should_stop=should_stop)
 
-    ctx = multiprocessing.get_context("spawn")
-    store = dist.TCPStore(_LOOPBACK, 0, None, True, timeout=datetime.timedelta(seconds=config.startup_timeout_s),
-                          wait_for_workers=False)
-    ranks: list[_Rank] = []
-    try:
-        for rank in range(config.ranks):
-            parent_end, child_end = ctx.Pipe(duplex=True)
-            process = ctx.Process(target=_rank_main, name=f"gang-rank-{rank}", daemon=False,
-                                  args=(rank, config, store.port, os.getpid(), child_end, fn, args, kwargs or {}))
-            process.start()
+
+class Gang:
+    """``config.ranks`` rank processes in one process group, kept between calls of :meth:`run`.
+
+    Start it from a thread that outlives it (see the module docstring); :meth:`close` (or the context manager)
+    stops and reaps every rank. After a failure the gang is closed and :meth:`run` refuses.
+    """
+
+    def __init__(self, config: GangConfig):
+        import torch.distributed as dist
+
+        self.config = config
+        self._calls = 0
+        self._closed = False
+        self._store = dist.TCPStore(_LOOPBACK, 0, None, True,
+                                    timeout=datetime.timedelta(seconds=config.startup_timeout_s),
+                                    wait_for_workers=False)
+        self._ranks: list[_Rank] = []
+        try:
+            for rank in range(config.ranks):
+                process = _RankProcess()
+                self._ranks.append(_Rank(rank, process, process.conn, started=time.monotonic()))
+                process.conn.send(("init", rank, config, self._store.port, os.getpid()))
+        except BaseException:
+            self.close()
+            raise
+        logger.info("gang of %d ranks on %s started: pids %s", config.ranks, config.device_type, self.pids())
+
+    def pids(self) -> list[int]:
+        """The rank processes' ids, rank 0 first."""
+        return [r.process.pid for r in self._ranks]
+
+    def live_ranks(self) -> int:
+        """How many rank processes are alive (every one, in a healthy gang)."""
+        if self._closed:
+            return 0
+        return sum(1 for r in self._ranks if r.process.is_alive())
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def run(self, fn: Callable[..., Any], args: tuple = (), kwargs: dict | None = None, *,
+            on_progress: Callable[[Any], None] | None = None,
+            should_stop: Callable[[], bool] | None = None) -> Any:
+        """Run ``fn(ctx, *args, **kwargs)`` on every rank; return rank 0's result.
+
+        Raises:
+            GangFailed: a rank raised, died (now or since the last call), or hung; the gang is closed (every rank
+                stopped and reaped) before this is raised.
+            RuntimeError: the gang is closed.
+        """
+        if self._closed:
+            raise RuntimeError("this gang is closed (it failed or was closed); start a new one")
+        self._calls += 1
+        call = self._calls
+        now = time.monotonic()
+        for r in self._ranks:
+            r.done, r.result = False, None
+            if r.last_seen is not None:
+                r.last_seen = now  # the wait between calls is not silence
+        try:
+            for r in self._ranks:
+                if r.conn_open and r.process.is_alive():
+                    with contextlib.suppress(OSError):
+                        r.conn.send(("run", call, fn, args, kwargs or {}))
+            return _supervise(self._ranks, self.config, call, on_progress, should_stop)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Stop every rank (asking first, then SIGTERM, SIGKILL) and reap them. Idempotent; bounded in time."""
+        if self._closed:
+            return
+        self._closed = True
+        for r in self._ranks:
+            if r.conn_open and r.process.is_alive():
+                with contextlib.suppress(OSError):
+                    r.conn.send(("close",))
+        deadline = time.monotonic() + min(self.config.grace_s, 2.0)
+        for r in self._ranks:
+            r.process.join(timeout=max(0.0, deadline - time.monotonic()))
+        _teardown(self._ranks, self.config.grace_s)
+        self._store = None
+
+    def __enter__(self) -> Gang:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+_BOOTSTRAP = "import sys; from engine.gang import _rank_entry; _rank_entry(int(sys.argv[1]))"
+
+
+class _RankProcess:
+    """One rank's interpreter, started with ``subprocess`` in a session of its own; ``conn`` is the parent's end of
+    its socket pair; ``sentinel`` (a pidfd, where Linux has them) becomes readable when it exits."""
+
+    def __init__(self):
+        parent_end, child_end = socket.socketpair()
+        # The parent's import path, so that the rank finds the modules fn lives in (the worker's cwd included).
+        path = [entry or os.getcwd() for entry in sys.path]
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
+        try:
+            self._popen = subprocess.Popen([sys.executable, "-c", _BOOTSTRAP, str(child_end.fileno())],
+                                           pass_fds=(child_end.fileno(),), start_new_session=True, env=env,
+                                           stdin=subprocess.DEVNULL)
+        finally:
             child_end.close()
-            ranks.append(_Rank(rank, process, parent_end, started=time.monotonic()))
-        logger.info("gang of %d ranks on %s started: pids %s", config.ranks, config.device_type,
-                    [r.process.pid for r in ranks])
-        return _supervise(ranks, config, on_progress, should_stop)
-    finally:
-        _teardown(ranks, config.grace_s)
-        del store
+        self.pid = self._popen.pid
+        self.conn = Connection(parent_end.detach())
+        try:
+            self.sentinel = os.pidfd_open(self.pid)
+        except (AttributeError, OSError):  # not Linux 5.3+: exits are found by polling instead
+            self.sentinel = None
+
+    def is_alive(self) -> bool:
+        return self._popen.poll() is None
+
+    @property
+    def exitcode(self) -> int | None:
+        return self._popen.poll()
+
+    def join(self, timeout: float) -> None:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self._popen.wait(timeout=max(timeout, 0.0))
+
+    def close(self) -> None:
+        if self.sentinel is not None:
+            with contextlib.suppress(OSError):
+                os.close(self.sentinel)
+            self.sentinel = None
 
 
 @dataclass
@@ -170,21 +316,21 @@ class _Rank:
     conn_open: bool = True
 
 
-def _supervise(ranks: list[_Rank], config: GangConfig, on_progress, should_stop) -> Any:
+def _supervise(ranks: list[_Rank], config: GangConfig, call: int, on_progress, should_stop) -> Any:
     world = len(ranks)
     stop_sent = False
     failures: list[_Failure] = []
     settle_until = None
     while not all(r.done for r in ranks):
         waitables = [r.conn for r in ranks if r.conn_open] + [r.process.sentinel for r in ranks if not r.failed
-                                                                and not r.done]
+                                                                and not r.done and r.process.sentinel is not None]
         ready = wait(waitables, timeout=_POLL_S)
         now = time.monotonic()
         for r in ranks:
             if r.conn_open and r.conn in ready:
                 failures += _drain(r, on_progress)
         for r in ranks:
-            if not r.done and not r.failed and r.process.sentinel in ready:
+            if not r.done and not r.failed and not r.process.is_alive():
                 if r.conn_open:
                     failures += _drain(r, on_progress)  # its last words (a result, an error) may still be there
                 if not r.done and not r.failed:
@@ -212,13 +358,13 @@ def _supervise(ranks: list[_Rank], config: GangConfig, on_progress, should_stop)
             settle_until = settle_until or now + _SETTLE_S
             if now >= settle_until or all(r.failed or r.done for r in ranks):
                 first = min(failures, key=lambda f: (f.priority, f.at))
-                raise GangFailed(first.rank, world, first.reason, first.traceback)
+                raise GangFailed(first.rank, world, first.reason, first.traceback, first.error)
         if should_stop is not None and not stop_sent and should_stop():
             stop_sent = True
             for r in ranks:
                 if r.conn_open and not r.done:
                     with contextlib.suppress(OSError):
-                        r.conn.send(("stop",))
+                        r.conn.send(("stop", call))
     return ranks[0].result
 
 
@@ -229,6 +375,7 @@ class _Failure:
     rank: int
     reason: str
     traceback: str | None = None
+    error: BaseException | None = None
 
 
 def _drain(r: _Rank, on_progress) -> list[_Failure]:
@@ -242,10 +389,11 @@ def _drain(r: _Rank, on_progress) -> list[_Failure]:
             if kind == "progress" and on_progress is not None:
                 on_progress(message[1])
             elif kind == "done":
-                r.done, r.result = True, message[1]
+                r.done, r.result = True, message[2]
             elif kind == "error" and not r.failed:
                 r.failed = True
-                failures.append(_Failure(1, message[3], r.rank, f"raised {message[1]}", message[2]))
+                failures.append(_Failure(1, message[3], r.rank, f"raised {message[1]}", message[2],
+                                         _unpickle(message[4])))
     except (EOFError, OSError):
         r.conn_open = False
     return failures
@@ -286,8 +434,7 @@ def _teardown(ranks: list[_Rank], grace_s: float) -> None:
             logger.error("gang rank %d (pid %d) survived SIGKILL (uninterruptible I/O?)", r.rank, r.process.pid)
         with contextlib.suppress(OSError):
             r.conn.close()
-        with contextlib.suppress(ValueError):
-            r.process.close()
+        r.process.close()
 
 
 def _group_exists(pgid: int | None) -> bool:
@@ -315,10 +462,19 @@ def _signal_group(pid: int | None, sig: int) -> None:
 # ------------------------------------------------------------------------------------------------- a rank
 
 
-def _rank_main(rank: int, config: GangConfig, store_port: int, parent_pid: int, conn: Connection,
-               fn: Callable[..., Any], args: tuple, kwargs: dict) -> None:
-    """The body of one rank's process."""
-    os.setsid()  # a process group of its own: the parent stops it and whatever it started with one killpg
+def _rank_entry(fd: int) -> None:
+    """A rank's interpreter starts here (``_BOOTSTRAP``): its socket to the parent, then who it is."""
+    conn = Connection(fd)
+    try:
+        _, rank, config, store_port, parent_pid = conn.recv()
+    except (EOFError, OSError):
+        os._exit(1)  # the parent went away before saying
+    _rank_main(rank, config, store_port, parent_pid, conn)
+
+
+def _rank_main(rank: int, config: GangConfig, store_port: int, parent_pid: int, conn: Connection) -> None:
+    """The body of one rank's process: join the process group, then run each call the parent sends. The process
+    leads its own session (started so): the parent stops it and whatever it started with one killpg."""
     _die_with_parent(parent_pid)
     import torch
     import torch.distributed as dist
@@ -339,12 +495,22 @@ def _rank_main(rank: int, config: GangConfig, store_port: int, parent_pid: int, 
                                 timeout=datetime.timedelta(seconds=config.collective_timeout_s))
         context = RankContext(rank, config.ranks, device, conn)
         context.beat()
-        result = fn(context, *args, **kwargs)
-        conn.send(("done", result if rank == 0 else None))
+        while True:
+            message = conn.recv()
+            if message[0] == "close":
+                break
+            if message[0] != "run":
+                continue  # a stop that came after its call ended
+            _, call, fn, args, kwargs = message
+            context._begin(call)
+            result = fn(context, *args, **kwargs)
+            conn.send(("done", call, result if rank == 0 else None))
+    except EOFError:
+        exit_code = 1  # the parent closed its end: it is going away
     except BaseException as exc:  # noqa: BLE001 - every failure goes to the parent, which stops the gang
         exit_code = 1
         with contextlib.suppress(Exception):
-            conn.send(("error", f"{type(exc).__name__}: {exc}", traceback.format_exc(), time.time()))
+            conn.send(("error", f"{type(exc).__name__}: {exc}", traceback.format_exc(), time.time(), _pickled(exc)))
     finally:
         with contextlib.suppress(Exception):
             if dist.is_initialized():
@@ -352,6 +518,25 @@ def _rank_main(rank: int, config: GangConfig, store_port: int, parent_pid: int, 
         with contextlib.suppress(Exception):
             conn.close()
     os._exit(exit_code)  # no atexit handlers or lingering threads: the parent is waiting for this exit
+
+
+def _pickled(exc: BaseException) -> bytes | None:
+    """``exc`` pickled for the parent, or None when it cannot be (or would not unpickle the same)."""
+    try:
+        data = pickle.dumps(exc)
+        pickle.loads(data)
+    except Exception:  # noqa: BLE001 - an exception with an odd constructor: its text and traceback still go
+        return None
+    return data
+
+
+def _unpickle(data: bytes | None) -> BaseException | None:
+    if data is None:
+        return None
+    try:
+        return pickle.loads(data)
+    except Exception:  # noqa: BLE001 - a class the parent cannot import
+        return None
 
 
 def _die_with_parent(parent_pid: int) -> None:

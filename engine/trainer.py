@@ -4,10 +4,15 @@ The engine knows nothing of queues. It takes a dataset, a resolved config, a pro
 trains from a model directory or a checkpoint, writes checkpoints into a directory, and returns what happened.
 One engine per worker process: it keeps the last model and optimizer in memory, so the next job of the same
 campaign, which resumes from the checkpoint this engine just wrote, starts without reloading anything.
+
+Given a ``world`` (one rank of a gang, :mod:`engine.ranks`), the same loop trains data-parallel: the seams are in
+:mod:`engine.data_parallel` (which rows a rank takes, the loss over the global step, gradient exchange, checkpoints
+written by rank 0); without one, none of it runs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -30,12 +35,14 @@ from engine.attention import AttentionPath, choose_path, install, layout_for
 from engine.batches import DataOrder, job_steps
 from engine.chat_turns import ChatOptions
 from engine.checkpoint import (
+    checkpoint_name,
     load_optimizer_state,
     read_checkpoint_state,
     remove_stale_temp_dirs,
     restore_rng,
     save_checkpoint,
 )
+from engine.data_parallel import DataParallel, StepCounts, World, beating, seed_rank
 from engine.dataset import PreparedDataset, prepare_dataset
 from engine.errors import DatasetInvalid, ModelLoadError
 from engine.eval_plan import EvalPoint, EvalSpec
@@ -85,6 +92,7 @@ class TrainerEngine:
         self._model_path: str | None = None
         self._warm_checkpoint: Path | None = None
         self._loss_fn = loss_sum
+        self._parallel: DataParallel | None = None  # with a world: the warm model's DDP/FSDP wrapper
 
     # ------------------------------------------------------------------------------------------------ data
 
@@ -188,6 +196,7 @@ class TrainerEngine:
         run_id: str = "run",
         enable_packing: bool | None = None,
         chat: ChatOptions | None = None,
+        world: World | None = None,
         evaluation: EvalSpec | None = None,
         on_eval: EvalCallback | None = None,
     ) -> TrainingResult:
@@ -210,9 +219,12 @@ class TrainerEngine:
             enable_packing: the final packing switch when not None (the caller resolves ``ENABLE_PACKING``);
                 otherwise ``config.data.enable_packing``.
             chat: the hero's chat options, see :meth:`prepare`.
+            world: this process's rank in a data-parallel gang (:mod:`engine.ranks` runs it); every rank calls
+                run_job with the same arguments. None: one process, as always.
             evaluation: a fixed eval set (a campaign's): evaluated, its probes answered, every ``eval_steps`` steps
                 and at the end of a completed job (and before the first step when ``at_start``), beside the job's
                 own validation split. Evaluation time is counted apart: ``tokens_per_sec`` is over training time.
+                With a ``world``, every rank evaluates the whole set alike (see :meth:`_evaluate`).
             on_eval: ``on_eval(point)`` after each evaluation of ``evaluation``, in the training thread.
 
         Returns:
@@ -228,7 +240,9 @@ class TrainerEngine:
                 examples see each other.
         """
         entered = time.perf_counter()
-        config = for_ranks(config, 1)  # config.batching: a global batch becomes this one rank's accumulation
+        ranks = world.size if world is not None else 1
+        given = config  # what checkpoints record: the job's config, the same at any width
+        config = for_ranks(config, ranks)  # config.batching: a global batch becomes this rank's accumulation
         hp = config.hyperparams
         checkpoint_dir = Path(checkpoint_dir)
 
@@ -236,11 +250,16 @@ class TrainerEngine:
         data = self.prepare(dataset, config, model_path=model_path, enable_packing=enable_packing, chat=chat)
         evaluator = self._evaluator(evaluation, str(model_path), chat) if evaluation is not None else None
         order = DataOrder(len(data.rows), hp.batch_size, hp.seed, shuffle=config.data.shuffle)
-        ga = hp.gradient_accumulation_steps
+        ga = hp.gradient_accumulation_steps  # micro-batches of one step on this rank
+        step_micro = ga * ranks  # ... and over all ranks: what a step consumes, whatever the width
+        first_micro = world.rank * ga if world is not None else 0
+        counts = StepCounts(data.rows, data.train) if world is not None else None
+        step_counts: dict[int, tuple[int, int]] = {}  # job step -> (tokens, loss tokens) over all ranks
 
         # ---- where this job starts: a fresh campaign, a campaign continued, or this job resumed ----------------
         checkpoint_dir.mkdir(parents=True, exist_ok=True)
-        remove_stale_temp_dirs(checkpoint_dir)
+        if world is None or world.is_main:
+            remove_stale_temp_dirs(checkpoint_dir)
         resumed = read_checkpoint_state(resume_from) if resume_from is not None else None
         global_step = resumed["global_step"] if resumed else 0
         job_step, job_start, loss_history, val_history = 0, global_step, [], []
@@ -260,12 +279,12 @@ class TrainerEngine:
                     run_id,
                     resume_from,
                 )
-        end_step = job_start + job_steps(order, hp)
+        end_step = job_start + job_steps(order, hp, step_micro)
         warnings = schedule_warnings(hp, global_step, end_step)
         warnings += determinism.configure(hp.deterministic, self.device)
 
         # ---- model, optimizer, attention and loss kernels: warm from the last job, or loaded -------------------
-        model, optimizer = self._load(model_path, resume_from, config)
+        model, optimizer = self._load(model_path, resume_from, config, world)
         tokenizer = self._tokenizer(str(model_path))
         path = choose_path(
             hp.attention,
@@ -302,6 +321,8 @@ class TrainerEngine:
         else:
             torch.manual_seed(hp.seed)
             random.seed(hp.seed)
+        if world is not None:
+            seed_rank(world, hp.seed, global_step)
         autocast = autocast_for(self.device, hp.precision)
         # Static shapes (full rows, batch_size of them) for compiled code: it then compiles once.
         static = self.compile or path is AttentionPath.FLEX
@@ -317,8 +338,8 @@ class TrainerEngine:
                 "job_step": job_step,
                 "job_start_step": job_start,
                 "job_total_steps": end_step - job_start,
-                "epoch": order.epoch_of(job_step * ga),
-                "position": {"micro_batch": job_step * ga, "data_fingerprint": data.fingerprint},
+                "epoch": order.epoch_of(job_step * step_micro),
+                "position": {"micro_batch": job_step * step_micro, "data_fingerprint": data.fingerprint},
                 # The LR is a function of the global step: these say which, and the last value used.
                 "scheduler": {
                     "name": hp.lr_scheduler,
@@ -327,8 +348,8 @@ class TrainerEngine:
                     "decay_steps": hp.decay_steps,
                     "last_lr": lr_at(global_step - 1, hp) if global_step > 0 else None,
                 },
-                "config_hash": config.config_hash(),
-                "config": config.to_dict(),
+                "config_hash": given.config_hash(),
+                "config": given.to_dict(),
                 "model_path": str(model_path),
                 "loss_history": loss_history,
                 "val_history": val_history,
@@ -337,9 +358,14 @@ class TrainerEngine:
             }
 
         def save() -> Path:
-            path_ = save_checkpoint(
-                checkpoint_dir, global_step, model, optimizer, tokenizer, checkpoint_state(), hp.save_total_limit
-            )
+            def write(**gathered) -> Path:
+                return save_checkpoint(checkpoint_dir, global_step, model, optimizer, tokenizer, checkpoint_state(),
+                                       hp.save_total_limit, **gathered)
+
+            if self._parallel is None:
+                path_ = write()
+            else:  # rank 0 writes (the full state, gathered under FSDP), the others wait for it
+                path_ = self._parallel.save(write, checkpoint_dir / checkpoint_name(global_step), optimizer)
             self._warm_checkpoint = path_
             return path_
 
@@ -357,13 +383,21 @@ class TrainerEngine:
 
         def run_evaluations(step: int, job_split: bool, in_loop: bool) -> float | None:
             """Validate on the job's split (``job_split``) and evaluate the campaign's set; the split's loss."""
+            # A rank beats meanwhile: an evaluation is no step, and the gang's watchdog wants a word per step.
+            with beating(world.beat) if world is not None else contextlib.nullcontext():
+                return evaluate_now(step, job_split, in_loop)
+
+        def evaluate_now(step: int, job_split: bool, in_loop: bool) -> float | None:
             started = time.perf_counter()
             val_loss = None
             if job_split and data.val:
                 val_loss = validate()
             if evaluator is not None:
+                # With a world every rank evaluates the whole set alike (the loss through the DDP/FSDP wrapper, the
+                # probes on the full weights): the same point on every rank; rank 0's is the one reported.
                 point = evaluator.evaluate(model, step, make_batch=eval_batch, per_batch=eval_rows,
-                                           device=self.device, autocast=autocast)
+                                           device=self.device, autocast=autocast, loss_fn=self._loss_fn,
+                                           full_weights=self._parallel.full_weights if self._parallel else None)
                 eval_history.append(point)
                 logger.info("run %s step %d eval loss %.4f (%d examples, %d loss tokens, %.2f s)", run_id, step,
                             point.loss, point.num_examples, point.num_loss_tokens, point.seconds)
@@ -383,16 +417,14 @@ class TrainerEngine:
             return max(periodic, 0) + 1
 
         def build(step: int) -> list[Batch]:
-            """The micro-batches of job step ``step`` (runs on the prefetch thread)."""
+            """This rank's micro-batches of job step ``step`` (runs on the prefetch thread)."""
+            if counts is not None:  # the whole step's tokens, over all ranks: the loss is weighted by them
+                step_counts[step] = counts.of([r for j in range(step_micro)
+                                               for r in order.micro_batch(step * step_micro + j)])
             return [
                 self._batch(
-                    data.rows,
-                    data.train,
-                    order.micro_batch(step * ga + a),
-                    data.pad_id,
-                    path,
-                    fixed_length,
-                    fixed_rows,
+                    data.rows, data.train, order.micro_batch(step * step_micro + first_micro + a), data.pad_id, path,
+                    fixed_length, fixed_rows,
                 )
                 for a in range(ga)
             ]
@@ -460,7 +492,10 @@ class TrainerEngine:
                 self._warm_checkpoint = None
                 rng_before = RngState.capture()
                 batches = prefetch.next()
-                n_loss = sum(b.num_loss_tokens for b in batches)
+                if counts is None:
+                    n_tokens, n_loss = sum(b.num_tokens for b in batches), sum(b.num_loss_tokens for b in batches)
+                else:
+                    n_tokens, n_loss = step_counts.pop(job_step)
                 step_loss, grad_norm = self._compute_step(model, batches, n_loss, kernel, autocast, params, max_norm)
 
                 if pending is not None:
@@ -476,14 +511,7 @@ class TrainerEngine:
                             status = TrainingStatus.STOPPED
                         break
 
-                done = PendingStep(
-                    global_step + 1,
-                    lr_at(global_step, hp),
-                    sum(b.num_tokens for b in batches),
-                    step_loss,
-                    n_loss,
-                    grad_norm,
-                )
+                done = PendingStep(global_step + 1, lr_at(global_step, hp), n_tokens, step_loss, n_loss, grad_norm)
                 if not defer and not done.finite():  # this optimizer cannot skip on the device: look first
                     optimizer.zero_grad(set_to_none=True)
                     report(done)
@@ -569,18 +597,23 @@ class TrainerEngine:
         """Forward and backward over a step's micro-batches, then gradient clipping; returns the summed loss and
         the gradient norm, both still on the device (nothing here waits for it)."""
         # Token-weighted mean over the whole step: each micro-batch adds its summed loss / the step's count,
-        # so accumulation gives the same gradient as one big batch.
+        # so accumulation gives the same gradient as one big batch. On several ranks the count is the step's over
+        # all of them and the ranks' gradients are summed (engine.data_parallel): the same gradient again.
+        parallel = self._parallel
         step_loss = torch.zeros((), device=self.device)
-        for batch in batches:
+        for i, batch in enumerate(batches):
             batch = batch.to(self.device)
             if self.compile and batch.layout is not None and batch.layout.cu_seqlens is not None:
                 torch._dynamo.mark_dynamic(batch.layout.cu_seqlens, 0)  # the segment count varies: one graph
-            with autocast:
-                summed = self._loss_fn(model, batch, kernel)
-            (summed / n_loss).backward()
+            with parallel.micro_batch(last=i == len(batches) - 1) if parallel else contextlib.nullcontext():
+                with autocast:
+                    summed = self._loss_fn(model, batch, kernel)
+                (summed / n_loss).backward()
             step_loss += summed.detach()
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-        return step_loss, grad_norm
+        if parallel is None:
+            return step_loss, torch.nn.utils.clip_grad_norm_(params, max_norm)
+        parallel.sum_loss(step_loss)
+        return step_loss, parallel.clip(params, max_norm)
 
     @staticmethod
     def _batch(rows, examples, picked, pad_id, path, length=None, num_rows=None) -> Batch:
@@ -596,8 +629,9 @@ class TrainerEngine:
             )
         return batch
 
-    def _load(self, model_path: str, resume_from: Path | None, config: TrainerConfig):
-        """The model and optimizer to train: the warm ones when they are exactly ``resume_from``, else loaded."""
+    def _load(self, model_path: str, resume_from: Path | None, config: TrainerConfig, world: World | None = None):
+        """The model and optimizer to train: the warm ones when they are exactly ``resume_from``, else loaded
+        (and, with a world, wrapped for data-parallel training: collective, every rank loads at once)."""
         hp = config.hyperparams
         warm = (
             self._model is not None
@@ -605,6 +639,7 @@ class TrainerEngine:
             and self._warm_checkpoint is not None
             and self._model_path == str(model_path)
             and _same_path(resume_from, self._warm_checkpoint)
+            and (self._parallel.sharding if self._parallel else None) == (hp.sharding if world else None)
         )
         if warm:
             logger.info("reusing the in-memory model of %s", resume_from)
@@ -615,13 +650,16 @@ class TrainerEngine:
             source = weights_source(model_path, resume_from, config.finetune)
             model = prepare_model(load_model(source, **load_kwargs(config, self.device)), config, self.device,
                                   resume_from)
+            # With a world: DDP, or FSDP sharding the parameters, before the optimizer is built over them.
+            self._parallel = DataParallel(model, world, hp.sharding) if world is not None else None
             optimizer = build_optimizer(model, self.device)
             if resume_from is not None:
-                load_optimizer_state(resume_from, optimizer)
+                load_optimizer_state(resume_from, optimizer,
+                                     self._parallel.load_optimizer_state if self._parallel else None)
             if self.compile:
                 compile_layers(model)
             self._model, self._optimizer, self._model_path = model, optimizer, str(model_path)
-        self._loss_fn = loss_sum
+        self._loss_fn = self._parallel.loss if self._parallel is not None else loss_sum
         # The config of this job applies, whatever the checkpoint's was (the LR is set at every step).
         opt = config.optimizer
         for group in optimizer.param_groups:
@@ -643,7 +681,7 @@ class TrainerEngine:
             return self._batch(rows, examples, range(len(rows)), data.pad_id, path, *shape)
 
         total, count = loss_over(model, data.val_rows, data.val, per_batch=batch_size, make_batch=make_batch,
-                                 device=self.device, autocast=autocast)
+                                 device=self.device, autocast=autocast, loss_fn=self._loss_fn)
         return total / count
 
     def _evaluator(self, spec: EvalSpec, model_path: str, chat: ChatOptions | None) -> Evaluator:

@@ -12,13 +12,16 @@ The estimate is per GPU (per rank) and sums, in bytes:
   rows are full): every layer's saved tensors without activation checkpointing; with it, each layer's input
   plus one layer recomputed;
 * **logits** — the output projection and cross-entropy at the loss positions (every token assumed to carry loss,
-  the worst case: text data), in bf16 and fp32 with the gradient (:data:`LOGIT_BYTES_PER_ELEMENT`);
+  the worst case: text data). The engine's chunked loss (``engine.loss``) holds one chunk's logits at a time
+  (:data:`LOGIT_CHUNK_ELEMENTS` elements: 1,766 tokens of Qwen3's vocabulary), in bf16 and fp32 with their gradient
+  (:data:`LOGIT_BYTES_PER_ELEMENT`), plus the gradients it accumulates over the chunks: one of the hidden states at
+  the loss positions and, when the output layer trains, one of its weight (fp32);
 * **overhead** — CUDA context, cuBLAS workspaces and allocator fragmentation: a fixed part plus a margin.
 
-Sharded training (FSDP) divides weights, gradients and optimizer by the number of ranks and adds the gathered
-parameters of one layer. The figures are an estimate, meant to refuse a job that cannot fit before it loads
-anything (:func:`check_fits`) and to compare modes in ``python -m heroes list``; a real run's peak is in
-``bench/RESULTS.md`` where a GPU was available.
+Sharded training (FSDP, ``hyperparams.sharding=fsdp`` on a multi-GPU worker) divides weights, gradients and
+optimizer by the number of ranks and adds the gathered parameters of one layer. The figures are an estimate,
+meant to refuse a job that cannot fit before it loads anything (:func:`check_fits`) and to compare modes in
+``python -m heroes list``; a real run's peak is in ``bench/RESULTS.md`` where a GPU was available.
 """
 
 from __future__ import annotations
@@ -33,16 +36,19 @@ from config.errors import GuildError
 from config.schema import TrainerConfig
 
 GIB = 1024**3
-# Bytes per (loss token x vocabulary entry): bf16 logits, their fp32 copy, fp32 log-softmax and its gradient.
+# Bytes per (loss token x vocabulary entry) of a chunk: bf16 logits, their fp32 copy, fp32 log-softmax and its
+# gradient.
 LOGIT_BYTES_PER_ELEMENT = 12
-# Tokens whose logits exist at once; None: all of a micro-batch (the engine's loss today). A chunked loss sets it.
-LOGITS_TOKENS_AT_ONCE: int | None = None
+# Logits of one chunk of the engine's loss on a GPU: engine.loss.CHUNK_ELEMENTS["cuda"] (a test keeps them equal;
+# importing the engine here would import torch into `heroes list`). At least 64 tokens a chunk.
+LOGIT_CHUNK_ELEMENTS = 2**28
+LOGIT_CHUNK_MIN_TOKENS = 64
 OVERHEAD_FIXED_BYTES = int(1.5 * GIB)
 OVERHEAD_MARGIN = 0.10
 # NF4 with double quantisation: 4 bits + an 8-bit scale per 64 weights + an fp32 scale per 256 of those.
 QLORA_BITS_PER_PARAM = 4 + 8 / 64 + 32 / (64 * 256)
-# Suggest "more GPUs (sharded)" in refusals only once the engine can shard a job over ranks (FSDP).
-SHARDING_AVAILABLE = False
+# Suggest "more GPUs (sharded)" in refusals: the engine shards a full fine-tuning job over ranks (FSDP2).
+SHARDING_AVAILABLE = True
 MODES = ("full", "lora", "qlora")
 _SHAPE_KEYS = {"hidden_size": int, "num_layers": int, "num_heads": int, "num_kv_heads": int, "head_dim": int,
                "intermediate_size": int, "tied_embeddings": bool}
@@ -169,10 +175,12 @@ def estimate_memory(shape: ModelShape, config: TrainerConfig, ranks: int = 1, st
     """The memory one GPU needs to train ``shape`` with ``config`` as one of ``ranks`` ranks.
 
     Args:
-        strategy: "single" (one rank), "ddp" (replicated; the default for several ranks) or "fsdp" (sharded).
+        strategy: "single" (one rank), "ddp" (replicated) or "fsdp" (sharded); None: "single" on one rank, else
+            what ``hyperparams.sharding`` says (``none``: "ddp").
         bf16: whether the GPU computes in bf16; None reads ``hyperparams.precision`` ("fp32" means no).
     """
-    strategy = strategy or ("single" if ranks == 1 else "ddp")
+    hp = config.hyperparams
+    strategy = strategy or ("single" if ranks == 1 else "fsdp" if hp.sharding == "fsdp" else "ddp")
     if strategy not in ("single", "ddp", "fsdp"):
         raise ValueError(f"unknown strategy {strategy!r}")
     hp, ft = config.hyperparams, config.finetune
@@ -206,8 +214,10 @@ def estimate_memory(shape: ModelShape, config: TrainerConfig, ranks: int = 1, st
         activations = tokens * (shape.num_layers * shape.hidden_size * act_bytes + per_token_layer)
     else:
         activations = tokens * shape.num_layers * per_token_layer
-    logit_tokens = tokens if LOGITS_TOKENS_AT_ONCE is None else min(tokens, LOGITS_TOKENS_AT_ONCE)
-    logits = logit_tokens * shape.vocab_size * LOGIT_BYTES_PER_ELEMENT
+    chunk = max(LOGIT_CHUNK_MIN_TOKENS, LOGIT_CHUNK_ELEMENTS // shape.vocab_size)
+    logits = min(tokens, chunk) * shape.vocab_size * LOGIT_BYTES_PER_ELEMENT + tokens * shape.hidden_size * 4
+    if ft.mode == "full":  # the output layer trains: its weight's gradient is accumulated over the chunks
+        logits += shape.vocab_size * shape.hidden_size * 4
     subtotal = weights + gradients + optimizer + activations + logits
     overhead = OVERHEAD_FIXED_BYTES + int(OVERHEAD_MARGIN * subtotal)
     return MemoryEstimate(ft.mode, ranks, strategy, weights, gradients, optimizer, activations, logits, overhead)
@@ -304,12 +314,13 @@ def _fixes(shape: ModelShape, config: TrainerConfig, gpu_bytes: int, ranks: int,
                 fixes.append(f"batch_size=1{accumulate} gradient_checkpointing=true{shorter} "
                              f"(~{est.total / GIB:.1f} GiB)")
                 break
-    if SHARDING_AVAILABLE:
+    if SHARDING_AVAILABLE and ft.mode == "full":
         for n in (2, 4, 8):
             if n > ranks:
                 est = fits(config, n, "fsdp")
                 if est:
-                    fixes.append(f"a worker with {n} GPUs (sharded, ~{est.total / GIB:.1f} GiB each)")
+                    fixes.append(f"hyperparams.sharding=fsdp on a worker with {n} GPUs (make worker "
+                                 f"GPUS=0,...,{n - 1}; ~{est.total / GIB:.1f} GiB each)")
                     break
     return fixes
 

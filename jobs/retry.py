@@ -9,6 +9,9 @@ failure                                                     kind         what ha
 ==========================================================  ===========  =========================================
 CUDA out of memory (``torch.cuda.OutOfMemoryError``, any    transient    requeued after a backoff, if attempts are
 ``... out of memory`` CUDA error); all CUDA devices busy                 left; else failed
+a rank of a multi-rank job died, hung or lost a peer        transient    same: the retry resumes from the job's last
+(``engine.gang.GangFailed``; any error whose class says                  checkpoint on a fresh gang (the failed one
+``transient = True``)                                                    was torn down: no GPU is left held)
 Redis or network blip (``redis.ConnectionError`` /          transient    same
 ``TimeoutError``, ``ConnectionError``, ``TimeoutError``,
 kombu ``OperationalError``)
@@ -94,6 +97,8 @@ class RetryPolicy:
         text = str(exc).lower()
         if "AuthenticationError" in names or "AuthenticationWrongNumberOfArgsError" in names:
             return FailureKind.PERMANENT
+        if getattr(type(exc), "transient", False) is True:  # says so itself (engine.gang.GangFailed)
+            return FailureKind.TRANSIENT
         if "OutOfMemoryError" in names or "cuda out of memory" in text:
             return FailureKind.TRANSIENT
         cuda = "cuda" in text or "cublas" in text or "cudnn" in text or "AcceleratorError" in names

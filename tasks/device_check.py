@@ -27,6 +27,7 @@ logger = logging.getLogger(__name__)
 
 _GPU_LINE = re.compile(r"^GPU (\d+): (.*?)(?: \(UUID: ([^)]+)\))?$")
 _GPU_NAME = re.compile(r"^gpu(\d+)$")
+_GPUS_NAME = re.compile(r"^gpu(\d+(?:-\d+)?(?:\+\d+(?:-\d+)?)*)$")
 NVIDIA_SMI_TIMEOUT_S = 10
 
 
@@ -69,6 +70,49 @@ def pinned_gpu_of(worker_name: str) -> int | None:
     """N for a worker named ``gpuN@host``, else None."""
     match = _GPU_NAME.match(worker_name.split("@", 1)[0])
     return int(match.group(1)) if match else None
+
+
+def gpus_of(worker_name: str) -> list[int] | None:
+    """The GPUs a worker's name says it owns: ``gpu3`` → [3], ``gpu0-3`` → [0, 1, 2, 3], ``gpu0-2+5`` → [0, 1, 2,
+    5] (``scripts/services.sh name``); None for another name (``cpu0``, ``worker``)."""
+    match = _GPUS_NAME.match(worker_name.split("@", 1)[0])
+    if not match:
+        return None
+    gpus: list[int] = []
+    for run in match.group(1).split("+"):
+        first, _, last = run.partition("-")
+        gpus.extend(range(int(first), int(last or first) + 1))
+    return gpus
+
+
+def gpu_memory_of(cuda_visible_devices: str | None) -> int | None:
+    """Bytes of memory of the smallest GPU ``CUDA_VISIBLE_DEVICES`` names, asked of ``nvidia-smi`` (no CUDA context
+    is created); None when it names none, or the tool cannot tell."""
+    wanted = named_devices(cuda_visible_devices or "")
+    smi = shutil.which("nvidia-smi")
+    if not wanted or smi is None:
+        return None
+    try:
+        out = subprocess.run([smi, "--query-gpu=index,uuid,memory.total", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=NVIDIA_SMI_TIMEOUT_S)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if out.returncode != 0:
+        return None
+    return memory_of(wanted, out.stdout)
+
+
+def memory_of(wanted: list[str], smi_csv: str) -> int | None:
+    """The smallest ``memory.total`` (MiB in ``index, uuid, memory`` lines) among the ``wanted`` devices, in bytes."""
+    sizes = []
+    for line in smi_csv.splitlines():
+        parts = [p.strip() for p in line.split(",")]
+        if len(parts) != 3 or not parts[2].isdigit():
+            continue
+        index, uuid, mib = parts
+        if any(d == index or (not d.isdigit() and uuid.startswith(d)) for d in wanted):
+            sizes.append(int(mib) * 2**20)
+    return min(sizes) if len(sizes) == len(wanted) else None
 
 
 def check_worker_device(worker_name: str, cuda_visible_devices: str | None, gpus: list[Gpu]) -> str | None:

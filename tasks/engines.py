@@ -2,8 +2,10 @@
 
 :class:`Engine` is everything :class:`tasks.lifecycle.JobRunner` asks of training: make the hero's model
 loadable, find where a job resumes, prepare data ahead, and train. :class:`TorchEngine` is the real one (the
-``engine`` package, imported only when the first job starts, in the worker's child process). A worker builds
-the engine named by ``GUILD_ENGINE_FACTORY=module:callable`` (called with the Settings) instead:
+``engine`` package, imported only when the first job starts, in the worker's child process). On a worker with
+several ranks (``Settings.ranks``: the GPUs it owns, or ``GUILD_RANKS`` CPU ranks) it trains each job on a warm
+gang of rank processes (:class:`engine.ranks.GangTrainer`), which the worker's process starts and supervises.
+A worker builds the engine named by ``GUILD_ENGINE_FACTORY=module:callable`` (called with the Settings) instead:
 :class:`StandInEngine` sleeps through its steps and writes small JSON checkpoints, so the queue (real Celery,
 Redis, store and lifecycle) can be tested and benchmarked with many workers and no torch.
 """
@@ -55,20 +57,38 @@ class Engine(Protocol):
         """Train one job (see :meth:`engine.trainer.TrainerEngine.run_job`); ``evaluation`` is the campaign's eval set
         (:class:`engine.eval_plan.EvalSpec`), ``on_eval`` gets each of its evaluations."""
 
+    def device_memory(self) -> int | None:
+        """Bytes of one of the GPUs a job trains on (the smallest), or None (a CPU worker: no memory check)."""
+
+    def live_ranks(self) -> int | None:
+        """Rank processes alive now on a multi-rank worker; None on a one-process worker."""
+
 
 class TorchEngine:
-    """The real engine: :class:`engine.trainer.TrainerEngine`, kept warm across jobs (its model stays loaded)."""
+    """The real engine: :class:`engine.trainer.TrainerEngine`, kept warm across jobs (its model stays loaded); on a
+    multi-rank worker, :class:`engine.ranks.GangTrainer` (its ranks, and their models, stay warm)."""
 
     def __init__(self, settings=None, verbose: bool | None = None):
         self.verbose = bool(getattr(settings, "verbose", False)) if verbose is None else verbose
+        self.ranks = int(getattr(settings, "ranks", 1) or 1)
+        self.rank_device = getattr(settings, "rank_device", "cpu")
+        self.gang_timeout_s = float(getattr(settings, "gang_timeout_s", 300.0))
+        self.cuda_visible_devices = getattr(settings, "cuda_visible_devices", None)
         self._trainer = None
 
     @property
     def trainer(self):
+        """:class:`engine.trainer.TrainerEngine`, or :class:`engine.ranks.GangTrainer` on several ranks."""
         if self._trainer is None:
-            from engine.trainer import TrainerEngine  # in the worker child only: torch stays out of the CLIs
+            if self.ranks > 1:
+                from engine.ranks import GangTrainer
 
-            self._trainer = TrainerEngine(verbose=self.verbose)
+                self._trainer = GangTrainer(self.ranks, self.rank_device, verbose=self.verbose,
+                                            timeout_s=self.gang_timeout_s)
+            else:
+                from engine.trainer import TrainerEngine  # in the worker child only: torch stays out of the CLIs
+
+                self._trainer = TrainerEngine(verbose=self.verbose)
         return self._trainer
 
     def materialise(self, hero: Hero, guild_home: Path) -> str:
@@ -84,6 +104,8 @@ class TorchEngine:
 
     def prepare(self, dataset_path: str, config: TrainerConfig, *, model_path: str,
                 enable_packing: bool | None, chat=None) -> None:
+        if self.ranks > 1:
+            return  # each rank tokenises its job's data itself, at the job's start
         self.trainer.prepare(dataset_path, config, model_path=model_path, enable_packing=enable_packing, chat=chat)
 
     def run_job(self, dataset_path, config, on_progress, should_stop, *, model_path, checkpoint_dir, resume_from,
@@ -92,6 +114,21 @@ class TorchEngine:
                                     checkpoint_dir=checkpoint_dir, resume_from=resume_from, run_id=run_id,
                                     enable_packing=enable_packing, chat=chat, evaluation=evaluation,
                                     on_eval=on_eval)
+
+    def device_memory(self) -> int | None:
+        if self.ranks > 1:
+            if self.rank_device != "cuda":
+                return None
+            # Asked of nvidia-smi: this process must not create a CUDA context on a GPU its ranks use.
+            from tasks.device_check import gpu_memory_of
+
+            return gpu_memory_of(self.cuda_visible_devices)
+        from heroes.memory import gpu_memory_bytes
+
+        return gpu_memory_bytes()
+
+    def live_ranks(self) -> int | None:
+        return self.trainer.live_ranks() if self.ranks > 1 else None
 
 
 STANDIN_STATE = "standin_state.json"
@@ -125,6 +162,12 @@ class StandInEngine:
 
     def prepare(self, dataset_path: str, config: TrainerConfig, *, model_path: str,
                 enable_packing: bool | None, chat=None) -> None:
+        return None
+
+    def device_memory(self) -> int | None:
+        return None
+
+    def live_ranks(self) -> int | None:
         return None
 
     def run_job(self, dataset_path, config, on_progress, should_stop, *, model_path, checkpoint_dir, resume_from,

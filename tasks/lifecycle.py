@@ -295,6 +295,7 @@ class JobRunner:
         beat.start()
         try:
             prep = self._prepare(job)
+            self._check_memory(job, prep)  # a job that cannot fit the worker's GPUs fails before anything loads
             # Bounded disk: a job that could not write its checkpoints fails now, with what it needs and the fix.
             ensure_checkpoint_space(prep.checkpoint_dir, prep.campaign, prep.model_path,
                                     job.plan.config.hyperparams.save_total_limit)
@@ -353,6 +354,9 @@ class JobRunner:
                 beat.progress = {"step": step, "total_steps": total_steps, "loss": loss, "lr": lr,
                                  "tokens_per_sec": tokens_per_sec, "eta_s": eta_s, "updated_at": time.time(),
                                  **(evals.latest if evals is not None else {})}
+                ranks = self.engine.live_ranks()
+                if ranks is not None:  # a multi-rank worker: its rank processes alive (all, while it trains)
+                    beat.progress.update(ranks=ranks, ranks_expected=self.settings.ranks)
                 tracker.log({"train/loss": loss, "train/lr": lr, "train/tokens_per_sec": tokens_per_sec}, step)
                 if self._emit is not None:
                     self._emit(beat.progress)
@@ -373,6 +377,26 @@ class JobRunner:
         checkpoint_dir = self.campaigns.checkpoint_root(campaign) / job.id
         resume = self.engine.resume_point(checkpoint_dir, campaign.latest_checkpoint)
         return Preparation(campaign, model_path, checkpoint_dir, resume)
+
+    def _check_memory(self, job: Job, prep: Preparation) -> None:
+        """Refuse a job whose memory estimate exceeds the worker's GPUs (``heroes.memory.check_fits``).
+
+        A CPU worker, an engine that trains on no GPU, or a model whose shape is unknown is not checked (the estimate
+        is of GPU memory; a CPU worker's RAM is shared with everything else on the host and swaps rather than fails).
+
+        Raises:
+            WontFit: with the estimate and the changes that would fit.
+        """
+        from heroes.memory import check_fits, shape_of
+
+        shape = shape_of(job.plan.hero, prep.model_path)
+        gpu_bytes = self.engine.device_memory()
+        if shape is None or gpu_bytes is None:
+            return
+        ranks = self.settings.ranks
+        estimate = check_fits(shape, job.plan.config, gpu_bytes, ranks)  # DDP or FSDP as hyperparams.sharding says
+        logger.info("job %s: needs ~%s per GPU of %.1f GiB (%d rank(s))", job.id, estimate.describe(),
+                    gpu_bytes / 2**30, ranks)
 
     def _prepare_next_in_background(self, job: Job) -> None:
         """Tokenise and pack the campaign's next queued job while this one trains, so the next starts at once.

@@ -69,13 +69,17 @@ class _ProgressEvents:
                 summary += f" · eval {progress['eval_loss']:.4f} @ {progress['eval_step']}"
                 if progress.get("sample"):
                     summary += f" · answer: {progress['sample']!r}"
+            ranks = {}
+            if progress.get("ranks") is not None:  # a multi-rank worker: its rank processes alive
+                summary += f" · {progress['ranks']}/{progress['ranks_expected']} ranks"
+                ranks = {"ranks": progress["ranks"], "ranks_expected": progress["ranks_expected"]}
             try:
                 with self.app.events.default_dispatcher(hostname=self.hostname) as dispatcher:
                     dispatcher.send("task-progress", uuid=self.task_id, result=summary, step=progress["step"],
                                     total_steps=progress["total_steps"], loss=progress["loss"],
                                     tokens_per_sec=progress["tokens_per_sec"], eta_s=progress["eta_s"],
                                     eval_loss=progress.get("eval_loss"), eval_step=progress.get("eval_step"),
-                                    sample=progress.get("sample"))
+                                    sample=progress.get("sample"), **ranks)
             except Exception as exc:  # noqa: BLE001 - monitoring must never stop training
                 logger.debug("progress event not sent: %s", exc)
             time.sleep(self.min_interval_s)

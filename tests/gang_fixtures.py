@@ -76,3 +76,25 @@ def stops_when_asked(ctx) -> int:
         beats += 1
         time.sleep(0.05)
     return beats
+
+
+_CALLS = {"count": 0}  # module state of a rank: survives between the calls of a warm gang
+
+
+def count_calls(ctx) -> dict:
+    """How many calls this rank process has run, and its pid."""
+    import os
+
+    _CALLS["count"] += 1
+    ctx.beat()
+    return {"calls": _CALLS["count"], "pid": os.getpid()}
+
+
+def beats_until_stopped(ctx, limit: int) -> int:
+    """Beat until a stop request or ``limit`` beats; return how many."""
+    beats = 0
+    while beats < limit and not ctx.stop_requested():
+        ctx.report({"beat": beats})
+        beats += 1
+        time.sleep(0.02)
+    return beats

@@ -1,6 +1,6 @@
 import pytest
 
-from config.errors import ConfigError
+from config.errors import ConfigError, SettingsError
 from config.layers import Layer, canonical_key, parse_set_args, resolve
 from config.locked import build_locked_config, locked_differences
 from config.schema import TrainerConfig
@@ -62,6 +62,30 @@ def test_settings_from_env(tmp_path):
     assert s.guild_home == tmp_path and s.enable_packing is False and s.redis_url == "redis://x:1/0"
     default = Settings.from_env({"GUILD_HOME": str(tmp_path)})
     assert default.redis_url == "redis://127.0.0.1:6390/0" and default.enable_packing is None
+
+
+@pytest.mark.parametrize("cuda, guild_ranks, expected", [
+    (None, None, (1, "cpu")),  # an unpinned worker: one process, on whatever the engine finds
+    ("3", None, (1, "cuda")),  # make worker GPU=3
+    ("0,1,2,3", None, (4, "cuda")),  # make worker GPUS=0,1,2,3: one rank per GPU
+    ("GPU-aa,GPU-bb", "2", (2, "cuda")),
+    ("", "2", (2, "cpu")),  # a CPU worker with two CPU ranks (tests, development)
+    ("-1", None, (1, "cpu")),
+])
+def test_a_workers_ranks(tmp_path, cuda, guild_ranks, expected):
+    env = {"GUILD_HOME": str(tmp_path), **({"CUDA_VISIBLE_DEVICES": cuda} if cuda is not None else {}),
+           **({"GUILD_RANKS": guild_ranks} if guild_ranks else {})}
+    settings = Settings.from_env(env)
+    assert (settings.ranks, settings.rank_device) == expected
+
+
+def test_ranks_that_contradict_the_gpus_are_refused(tmp_path):
+    with pytest.raises(SettingsError, match=r"GUILD_RANKS=3 but CUDA_VISIBLE_DEVICES='0,1' lists 2 GPU\(s\)"):
+        Settings.from_env({"GUILD_HOME": str(tmp_path), "CUDA_VISIBLE_DEVICES": "0,1", "GUILD_RANKS": "3"})
+    with pytest.raises(SettingsError, match='GUILD_RANKS=2 needs CUDA_VISIBLE_DEVICES=""'):
+        Settings.from_env({"GUILD_HOME": str(tmp_path), "GUILD_RANKS": "2"})
+    with pytest.raises(SettingsError, match="GUILD_GANG_TIMEOUT_S must be positive"):
+        Settings.from_env({"GUILD_HOME": str(tmp_path), "GUILD_GANG_TIMEOUT_S": "0"})
 
 
 # ---- finetune mode and adapter settings --------------------------------------------------------------------

@@ -60,6 +60,31 @@ def test_doctor_cross_checks_workers_of_this_host(monkeypatch):
     assert "it trains on the CPU" in checks[1].detail and "make worker GPU=cpu" in checks[1].fix
 
 
+def test_a_multi_gpu_workers_name_says_its_gpus():
+    assert dc.gpus_of("gpu0-3@h") == [0, 1, 2, 3] and dc.gpus_of("gpu0+2@h") == [0, 2]
+    assert dc.gpus_of("gpu0-2+5@h") == [0, 1, 2, 5] and dc.gpus_of("gpu7@h") == [7]
+    assert dc.gpus_of("cpu0@h") is None and dc.gpus_of("worker@h") is None
+
+
+def test_doctor_checks_every_gpu_a_multi_gpu_worker_owns(monkeypatch):
+    import doctor
+
+    monkeypatch.setattr(dc, "visible_gpus", lambda: TWO)
+    here = socket.gethostname()
+    ok, missing = doctor._worker_device_checks([f"gpu0-1@{here}", f"gpu1-2@{here}"])
+    assert ok.ok and ok.detail == "named for GPUs 0,1 (one rank each); this host shows 2 GPU(s)"
+    assert not missing.ok and missing.detail.endswith(": GPU 2 missing") and "GPUS=0,1" in missing.fix
+    assert "it trains on the CPU" not in missing.detail  # it has GPU 1
+
+
+def test_the_memory_of_a_workers_gpus_is_the_smallest():
+    csv = "0, GPU-1c8a2a4e, 143771\n1, GPU-77aa0000, 81559\n"
+    assert dc.memory_of(["0", "1"], csv) == 81559 * 2**20
+    assert dc.memory_of(["GPU-1c8a"], csv) == 143771 * 2**20
+    assert dc.memory_of(["0", "5"], csv) is None  # a GPU it cannot see: no figure rather than a wrong one
+    assert dc.gpu_memory_of("") is None and dc.gpu_memory_of(None) is None
+
+
 @pytest.mark.integration
 def test_a_worker_pinned_to_a_missing_gpu_exits_with_the_reason(start_worker):
     if dc.visible_gpus():

@@ -34,6 +34,22 @@ def test_a_bad_min_free_is_refused(run_cli):
     assert out.returncode == 2 and "--min-free 'lots': use a size such as 50G" in out.stderr
 
 
+def test_the_ranks_of_multi_rank_jobs():
+    from types import SimpleNamespace
+
+    import doctor
+
+    jobs = [SimpleNamespace(id="a", progress={"step": 3, "ranks": 4, "ranks_expected": 4}),
+            SimpleNamespace(id="b", progress={"step": 9}),  # a one-process worker's job
+            SimpleNamespace(id="c", progress=None)]
+    check = doctor._rank_check(jobs)
+    assert check.ok and check.detail == "1 multi-rank job(s) running: a 4/4"
+    jobs.append(SimpleNamespace(id="d", progress={"step": 1, "ranks": 1, "ranks_expected": 2}))
+    check = doctor._rank_check(jobs)
+    assert not check.ok and check.detail == "2 multi-rank job(s) running: a 4/4; ranks missing: d 1/2"
+    assert "GUILD_GANG_TIMEOUT_S" in check.fix
+
+
 @pytest.mark.integration
 @pytest.mark.slow
 def test_every_worker_paused_with_work_queued_is_unhealthy(run_cli, start_worker):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.gang import GangConfig, GangFailed, run_gang
+from engine.gang import Gang, GangConfig, GangFailed, run_gang
 from tests import gang_fixtures
 
 pytestmark = pytest.mark.slow
@@ -101,6 +101,7 @@ def test_an_exception_in_a_rank_fails_the_gang_with_its_traceback():
     assert str(info.value) == ("rank 1 of 2 raised ValueError: bad shard on rank 1; every rank of the gang was "
                                "stopped")
     assert 'raise ValueError("bad shard on rank 1")' in info.value.rank_traceback
+    assert isinstance(info.value.error, ValueError) and str(info.value.error) == "bad shard on rank 1"
 
 
 def test_should_stop_reaches_every_rank():
@@ -108,3 +109,32 @@ def test_should_stop_reaches_every_rank():
     result = bounded(run_gang, gang_fixtures.stops_when_asked, config=GangConfig(ranks=2),
                      on_progress=reports.append, should_stop=lambda: len(reports) >= 3)
     assert result >= 3 and reports[:3] == [{"beat": 0}, {"beat": 1}, {"beat": 2}]
+
+
+def test_a_warm_gang_runs_each_call_in_the_same_processes():
+    with Gang(GangConfig(ranks=2)) as gang:
+        pids = gang.pids()
+        first = bounded(gang.run, gang_fixtures.count_calls)
+        # A stop request of one call never reaches the next: the second call beats to its limit.
+        stopped = bounded(gang.run, gang_fixtures.beats_until_stopped, (1000,), should_stop=lambda: True)
+        second = bounded(gang.run, gang_fixtures.count_calls)
+        unstopped = bounded(gang.run, gang_fixtures.beats_until_stopped, (5,))
+        assert (first, second) == ({"calls": 1, "pid": pids[0]}, {"calls": 2, "pid": pids[0]})
+        assert stopped < 1000 and unstopped == 5
+        assert gang.live_ranks() == 2
+    assert gang.closed and gang.live_ranks() == 0 and not [pid for pid in pids if alive(pid)]
+
+
+def test_a_rank_that_died_between_calls_fails_the_next_call_at_once():
+    gang = Gang(GangConfig(ranks=2, grace_s=1))
+    try:
+        bounded(gang.run, gang_fixtures.count_calls)
+        pids = gang.pids()
+        os.kill(pids[1], signal.SIGKILL)
+        with pytest.raises(GangFailed, match="rank 1 of 2 was killed by signal 9"):
+            bounded(gang.run, gang_fixtures.count_calls)
+        assert gang.closed and not [pid for pid in pids if alive(pid)]
+        with pytest.raises(RuntimeError, match="this gang is closed"):
+            gang.run(gang_fixtures.count_calls)
+    finally:
+        gang.close()

@@ -61,11 +61,28 @@ def test_a_hand_computed_06b_full_fine_tuning_estimate():
     per_token_layer = 10 * 1024 + 7 * 2048 + 7 * 1024 + 4 * 3072
     assert per_token_layer == 44_032
     assert est.activations == 1024 * 28 * per_token_layer * 2
-    assert est.logits == 1024 * 151936 * 12
-    subtotal = 18 * p + 2_524_971_008 + 1_866_989_568
+    # The chunked loss: one chunk's logits (the 1,024 tokens fit one chunk of 2^28 / 151,936 = 1,766), and the
+    # fp32 gradients it accumulates: the hidden states at the loss positions and the output layer's weight.
+    assert est.logits == 1024 * 151936 * 12 + 1024 * 1024 * 4 + 151936 * 1024 * 4 == 2_493_513_728
+    subtotal = 18 * p + 2_524_971_008 + 2_493_513_728
     assert est.overhead == int(1.5 * GIB) + int(0.1 * subtotal)
-    assert est.total == 18_243_557_785  # 16.99 GiB
-    assert est.describe().startswith("17.0 GiB (weights 3.3, gradients 2.2, optimizer 4.4, activations 2.4")
+    assert est.total == 18_932_734_361  # 17.63 GiB
+    assert est.describe().startswith("17.6 GiB (weights 3.3, gradients 2.2, optimizer 4.4, activations 2.4, logits 2.3")
+
+
+def test_the_logits_chunk_is_the_engines():
+    import engine.loss
+    from heroes.memory import LOGIT_CHUNK_ELEMENTS, LOGIT_CHUNK_MIN_TOKENS
+
+    assert LOGIT_CHUNK_ELEMENTS == engine.loss.CHUNK_ELEMENTS["cuda"]
+    import torch
+
+    assert engine.loss.chunk_tokens(151936, torch.device("cuda")) == LOGIT_CHUNK_ELEMENTS // 151936 == 1766
+    assert engine.loss.chunk_tokens(2**30, torch.device("cuda")) == LOGIT_CHUNK_MIN_TOKENS
+    # Beyond one chunk, more tokens per micro-batch add only their hidden-state gradient.
+    short = estimate_memory(QWEN3_06B, config(batch_size=1, max_length=2048))
+    long = estimate_memory(QWEN3_06B, config(batch_size=2, max_length=2048))
+    assert long.logits - short.logits == 2048 * 1024 * 4
 
 
 def test_modes_checkpointing_and_ranks_change_what_they_should():
@@ -83,6 +100,7 @@ def test_modes_checkpointing_and_ranks_change_what_they_should():
     assert ddp.gradients == 2 * full.gradients and ddp.weights == full.weights
     fsdp = estimate_memory(QWEN3_06B, config(batch_size=2, max_length=2048), ranks=4, strategy="fsdp")
     assert fsdp.optimizer == full.optimizer // 4 and fsdp.weights < full.weights // 2
+    assert estimate_memory(QWEN3_06B, config(batch_size=2, max_length=2048, sharding="fsdp"), ranks=4) == fsdp
 
 
 def test_a_job_that_does_not_fit_is_refused_with_the_estimate_and_fixes():
@@ -92,22 +110,23 @@ def test_a_job_that_does_not_fit_is_refused_with_the_estimate_and_fixes():
     with pytest.raises(WontFit) as info:
         check_fits(hero.shape, full, 80 * GIB)
     assert str(info.value) == (
-        "this job needs ~172.4 GiB (weights 45.8, gradients 30.5, optimizer 61.0, activations 4.2, logits 13.9, "
-        "overhead 17.0) per GPU in finetune.mode full, more than the 80.0 GiB of this worker's GPU; "
-        "fix: finetune=lora in a new campaign (~39.5 GiB)")
+        "this job needs ~163.1 GiB (weights 45.8, gradients 30.5, optimizer 61.0, activations 4.2, logits 5.4, "
+        "overhead 16.2) per GPU in finetune.mode full, more than the 80.0 GiB of this worker's GPU; "
+        "fix: finetune=lora in a new campaign (~27.6 GiB); or hyperparams.sharding=fsdp on a worker with 4 GPUs "
+        "(make worker GPUS=0,...,3; ~50.6 GiB each)")
 
     big_batch = config(batch_size=8, max_length=2048, gradient_accumulation_steps=2)
-    with pytest.raises(WontFit, match=r"fix: batch_size=4 gradient_accumulation_steps=4 \(~48.5 GiB, the same rows "
-                                      r"per step\); or gradient_checkpointing=true \(~45.5 GiB"):
-        check_fits(QWEN3_06B, big_batch, 80 * GIB)
-    with pytest.raises(WontFit, match=r"fix: batch_size=1 gradient_checkpointing=true max_length=1024 \(~14.6 GiB"):
+    with pytest.raises(WontFit, match=r"fix: batch_size=4 gradient_accumulation_steps=4 \(~37.2 GiB, the same rows "
+                                      r"per step\); or gradient_checkpointing=true \(~18.9 GiB"):
+        check_fits(QWEN3_06B, big_batch, 40 * GIB)
+    with pytest.raises(WontFit, match=r"fix: batch_size=1 gradient_checkpointing=true max_length=1024 \(~15.2 GiB"):
         check_fits(QWEN3_06B, config(batch_size=4, max_length=2048, global_batch_size=32), 16 * GIB)
 
 
 def test_what_fits_returns_its_estimate_and_a_cpu_worker_is_not_checked():
     hero = load_hero("qwen3-4b")
     defaults = resolve([Layer("hero", hero.training_defaults, hero.source)]).config
-    assert check_fits(hero.shape, defaults, 80 * GIB).total == pytest.approx(29.3 * GIB, rel=0.002)
+    assert check_fits(hero.shape, defaults, 80 * GIB).total == pytest.approx(17.35 * GIB, rel=0.002)
     assert check_fits(hero.shape, dataclasses.replace(defaults, finetune=FinetuneConfig()), None).mode == "full"
 
 
@@ -141,5 +160,5 @@ def test_heroes_list_shows_the_estimate_per_mode(capsys):
     assert main(["list"]) == 0
     lines = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()}
     assert lines["ID"][2:6] == ["DEFAULT", "FULL", "LORA", "QLORA"]
-    assert lines["qwen3-8b"][1:6] == ["Qwen/Qwen3-8B", "lora", "172.4G", "39.5G", "31.5G"]
+    assert lines["qwen3-8b"][1:6] == ["Qwen/Qwen3-8B", "lora", "163.1G", "27.6G", "19.6G"]
     assert lines["qwen3-0.6b"][2] == "full"

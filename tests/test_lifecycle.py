@@ -169,6 +169,51 @@ def test_a_broken_chat_template_fails_the_job_instead_of_skipping_the_data(setti
     assert "chat_template.jinja is broken" in job.last_error
 
 
+def test_a_failed_gang_is_retried_from_its_checkpoint_without_replacing_the_worker(settings, store):
+    from engine.gang import GangFailed
+
+    job_id = _enqueue(settings, store)
+    failed = GangFailed(1, 2, "was killed by signal 9 (SIGKILL)")
+    outcome = _runner(settings, store, Engine(raises=failed)).run(job_id, Publisher())
+    job = store.get(job_id)
+    assert outcome.action is OutcomeKind.REQUEUED and not outcome.replace_worker
+    assert job.status is JobStatus.QUEUED and "rank 1 of 2 was killed by signal 9" in job.last_error
+
+
+class _SmallGpu(Engine):
+    def device_memory(self):
+        return 2**30  # 1 GiB: the tiny hero's estimate is 1.7 GiB
+
+
+def test_a_job_that_does_not_fit_the_workers_gpu_fails_before_anything_loads(settings, store):
+    job_id = _enqueue(settings, store)
+    engine = _SmallGpu()
+    outcome = _runner(settings, store, engine).run(job_id, Publisher())
+    job = store.get(job_id)
+    assert outcome.action is OutcomeKind.FAILED and engine.calls == 0
+    assert job.last_error.startswith("this job needs ~1.7 GiB (weights 0.0, gradients 0.0, optimizer 0.0")
+    assert "more than the 1.0 GiB of this worker's GPU; no single change fits" in job.last_error
+
+
+class _TwoRanks(Engine):
+    def live_ranks(self):
+        return 2
+
+
+def test_a_multi_rank_workers_progress_says_its_ranks(settings, store):
+    import dataclasses
+
+    job_id = _enqueue(settings, store, sets={"max_steps": "2"})
+    shown = []
+    runner = _runner(dataclasses.replace(settings, ranks=2), store, _TwoRanks())
+    assert runner.run(job_id, Publisher(), emit=shown.append).action is OutcomeKind.COMPLETED
+    assert [(p["step"], p["ranks"], p["ranks_expected"]) for p in shown] == [(1, 2, 2), (2, 2, 2)]
+    one = _enqueue(settings, store, sets={"max_steps": "1"}, campaign="other", force=True)
+    shown.clear()
+    _runner(settings, store, Engine()).run(one, Publisher(), emit=shown.append)
+    assert shown and "ranks" not in shown[0]  # a one-process worker says nothing of ranks
+
+
 # ------------------------------------------------------------------------------------------- waiting (parked)
 
 

@@ -15,6 +15,12 @@ class AcceleratorError(RuntimeError):
     """Named like torch.AcceleratorError, which newer torch raises for CUDA errors."""
 
 
+class GangFailed(RuntimeError):
+    """Like engine.gang.GangFailed: says itself that it is transient (the gang is gone, its GPUs freed)."""
+
+    transient = True
+
+
 @pytest.mark.parametrize("exc,kind", [
     (OutOfMemoryError("Tried to allocate 2.00 GiB"), FailureKind.TRANSIENT),
     (RuntimeError("CUDA out of memory. Tried to allocate 20.00 MiB"), FailureKind.TRANSIENT),
@@ -33,6 +39,8 @@ class AcceleratorError(RuntimeError):
     (RuntimeError("CUBLAS_STATUS_EXECUTION_FAILED when calling cublasSgemm"), FailureKind.POISONED),
     (AcceleratorError("CUDA error: misaligned address"), FailureKind.POISONED),
     (RuntimeError("CUDA error: some error never seen before"), FailureKind.POISONED),
+    (GangFailed("rank 1 of 2 was killed by signal 9 (SIGKILL)"), FailureKind.TRANSIENT),
+    (GangFailed("rank 0 of 4 raised RuntimeError: CUDA error: an illegal memory access"), FailureKind.TRANSIENT),
     (ValueError("shape mismatch"), FailureKind.PERMANENT),
     (KeyError("input_ids"), FailureKind.PERMANENT),
 ])
@@ -69,3 +77,12 @@ def test_the_policy_of_a_job_comes_from_its_plan():
     job = SimpleNamespace(plan=SimpleNamespace(queue=QueueConfig(max_attempts=7)))
     assert RetryPolicy.for_job(job).max_attempts == 7
     assert RetryPolicy.for_job(SimpleNamespace(plan=None)).max_attempts == 3
+
+
+def test_the_gangs_own_failure_is_transient():
+    from engine.gang import GangFailed as RealGangFailed
+
+    failed = RealGangFailed(1, 2, "sent no heartbeat for 300 s (hung)")
+    assert RetryPolicy.classify(failed) is FailureKind.TRANSIENT
+    decision = RetryPolicy().after_failure(failed, attempts=1)
+    assert decision.action is Action.RETRY and not decision.replace_worker and decision.delay_s == 5.0
