@@ -567,7 +567,8 @@ class TrainerEngine:
             start_step=start_step,
             final_step=global_step,
             total_steps=end_step,
-            final_loss=loss_history[-1][1] if global_step > start_step else None,
+            # the job's own last step, also when a resumed attempt found it already done (its history came back)
+            final_loss=loss_history[-1][1] if loss_history and loss_history[-1][0] == global_step else None,
             final_val_loss=final_val_loss,
             trained_tokens=trained_tokens,
             tokens_per_sec=trained_tokens / train_s if train_s > 0 else 0.0,

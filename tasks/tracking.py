@@ -33,17 +33,19 @@ class CampaignTracker:
             logger.warning("TensorBoard logging off: %s", exc)
 
     def log(self, values: dict, step: int) -> None:
-        """One event per call: every numeric value of ``values`` as a scalar at ``step`` (None values skipped)."""
+        """One event per call at ``step``: every numeric value of ``values`` as a scalar, every string as text
+        (TensorBoard's Text tab, Markdown); other values (None) skipped."""
         if self._writer is None:
             return
         try:
             from tensorboard.compat.proto.event_pb2 import Event
             from tensorboard.compat.proto.summary_pb2 import Summary
 
-            scalars = [Summary.Value(tag=k, simple_value=float(v)) for k, v in values.items()
+            entries = [Summary.Value(tag=k, simple_value=float(v)) for k, v in values.items()
                        if isinstance(v, (int, float)) and not isinstance(v, bool)]
-            if scalars:
-                self._writer.add_event(Event(wall_time=time.time(), step=int(step), summary=Summary(value=scalars)))
+            entries += [_text_value(k, v) for k, v in values.items() if isinstance(v, str)]
+            if entries:
+                self._writer.add_event(Event(wall_time=time.time(), step=int(step), summary=Summary(value=entries)))
         except Exception as exc:  # noqa: BLE001
             logger.warning("TensorBoard log failed: %s", exc)
             self._writer = None
@@ -55,3 +57,16 @@ class CampaignTracker:
             except Exception:  # noqa: BLE001
                 pass
             self._writer = None
+
+
+def _text_value(tag: str, text: str):
+    """A summary value TensorBoard's text plugin shows: a string tensor tagged with the plugin's name."""
+    from tensorboard.compat.proto.summary_pb2 import Summary, SummaryMetadata
+    from tensorboard.compat.proto.tensor_pb2 import TensorProto
+    from tensorboard.compat.proto.tensor_shape_pb2 import TensorShapeProto
+    from tensorboard.compat.proto.types_pb2 import DT_STRING
+
+    metadata = SummaryMetadata(plugin_data=SummaryMetadata.PluginData(plugin_name="text"))
+    tensor = TensorProto(dtype=DT_STRING, string_val=[text.encode("utf-8")],
+                         tensor_shape=TensorShapeProto(dim=[TensorShapeProto.Dim(size=1)]))
+    return Summary.Value(tag=tag, metadata=metadata, tensor=tensor)

@@ -87,6 +87,17 @@ def test_stop_then_resume_is_bitwise_equal_to_uninterrupted(tiny_hero_dir, tmp_p
     assert_bitwise_equal(load_weights(resumed.checkpoint_path), load_weights(uninterrupted.checkpoint_path))
 
 
+def test_a_resume_at_the_jobs_final_checkpoint_trains_nothing_and_reports_its_last_loss(
+        tiny_hero_dir, tmp_path, uninterrupted):
+    """A worker killed after the final checkpoint, before the job was marked completed: the retry finds the job
+    done; its record still gets the loss of the job's last step."""
+    done, _ = run(TrainerEngine(), tiny_hero_dir, tmp_path, small_config(), run_id="job")
+    again, recorder = run(TrainerEngine(), tiny_hero_dir, tmp_path, small_config(), run_id="job",
+                          resume_from=latest_checkpoint(tmp_path))
+    assert again.status == "completed" and (again.start_step, again.final_step) == (6, 6) and recorder.calls == []
+    assert again.final_loss == done.final_loss == uninterrupted.final_loss
+
+
 def test_warm_resume_in_the_same_engine_is_bitwise_equal(tiny_hero_dir, tmp_path, uninterrupted):
     engine = TrainerEngine()
     config = small_config()

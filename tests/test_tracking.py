@@ -40,3 +40,19 @@ def test_a_job_logs_its_scalars_without_loading_torch(tmp_path):
     assert json.loads(out.stdout.strip().splitlines()[-1]) == []
     assert _scalars(tmp_path / "tensorboard" / "20261129T120000_fleet") == [
         (3, "train/loss", 1.5), (3, "train/tokens_per_sec", 1000.0), (4, "train/loss", 1.25), (4, "val/loss", 1.75)]
+
+
+def test_probe_answers_are_logged_as_text_tensorboard_reads(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from tasks.tracking import CampaignTracker
+
+    tracker = CampaignTracker(tmp_path, "20261129T120000_probe")
+    tracker.log({"eval/loss": 2.5, "samples/probe-1": "**prompt:** hi\n\n**answer:** héllo"}, 6)
+    tracker.close()
+    events = EventAccumulator(str(tmp_path / "tensorboard" / "20261129T120000_probe"), size_guidance={"tensors": 0})
+    events.Reload()
+    assert [(s.step, s.value) for s in events.Scalars("eval/loss")] == [(6, 2.5)]
+    [text] = events.Tensors("samples/probe-1")
+    assert text.step == 6 and text.tensor_proto.string_val == ["**prompt:** hi\n\n**answer:** héllo".encode()]
+    assert events.summary_metadata["samples/probe-1"].plugin_data.plugin_name == "text"
