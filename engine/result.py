@@ -30,7 +30,7 @@ class TrainingResult:
     start_step: int
     final_step: int
     total_steps: int
-    final_loss: float | None  # the loss of the job's last optimizer step (from its checkpoint when this call resumed at it)
+    final_loss: float | None  # the loss of the job's last step (from its checkpoint when this call resumed there)
     final_val_loss: float | None  # token-weighted mean over the validation examples
     trained_tokens: int  # non-pad input tokens of every micro-batch trained by this call
     tokens_per_sec: float  # trained_tokens / train_s (the training loop's time, evaluations left out)
