@@ -39,6 +39,9 @@ def job_view(job: Job, plan: bool = False, wait: Wait | None = None) -> str:
     for key, value in job.to_dict().items():
         if key in ("metadata", "artifacts", "plan", "truncation"):
             continue
+        if key == "workload":
+            lines += _workload_lines(value)
+            continue
         lines.append(f"{key + ':':18} {_fmt(value)}")
         if key == "status" and wait is not None:
             lines.append(f"{'waiting:':18} {wait.describe()} (since {clock_time(wait.since)})")
@@ -54,6 +57,20 @@ def job_view(job: Job, plan: bool = False, wait: Wait | None = None) -> str:
     if plan and job.plan is not None:
         lines.append(plan_view(job.plan))
     return "\n".join(line.rstrip() for line in lines)
+
+
+def _workload_lines(workload: dict[str, Any] | None) -> list[str]:
+    """What the job trains, as counted at enqueue (jobs.workload): tokens, steps, and what max_length cuts."""
+    if not workload:
+        return [f"{'workload:':18} -"]
+    how = ("counted with the hero's tokenizer" if workload.get("counted")
+           else "estimated: the tokenizer was not available")
+    lines = [f"{'workload:':18} {workload.get('train_tokens', 0):,} tokens over {workload.get('steps', '?')} steps "
+             f"({workload.get('data_tokens', 0):,} in the data; {how})"]
+    message = (workload.get("truncation") or {}).get("message")
+    if message:
+        lines.append(f"{'truncation:':18} {message}")
+    return lines
 
 
 def _eval_lines(meta: dict[str, Any]) -> list[str]:

@@ -317,6 +317,8 @@ def test_what_the_engine_ran_and_its_warnings_reach_the_record_and_jobs_show(set
     assert job.metadata["engine_warnings"] == ["warmup_steps=0 with decay_steps=0: the LR is 0 from the first step"]
     shown = job_view(job).splitlines()
     assert "attention:         per_document" in shown and "loss_kernel:       chunked" in shown
+    [workload] = [line for line in shown if line.startswith("workload:")]  # one readable line, not a dict
+    assert " tokens over " in workload and "{" not in workload
     assert "warning:           warmup_steps=0 with decay_steps=0: the LR is 0 from the first step" in shown
 
 
