@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
 import json
 import os
 import re
@@ -23,6 +22,7 @@ from campaigns.errors import CampaignError, UnknownCampaign
 from config.clock import utc_now
 from config.code_version import git_commit
 from config.errors import GuildError
+from config.files import exclusive_lock
 from config.layers import resolve_job_config
 from config.locked import build_locked_config
 from heroes.profile import DEFAULT_HERO, Hero, load_hero
@@ -137,13 +137,8 @@ class CampaignStore:
 
     @contextlib.contextmanager
     def _locked(self, directory: Path) -> Iterator[None]:
-        fd = os.open(directory / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+        with exclusive_lock(directory / ".lock"):
             yield
-        finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-            os.close(fd)
 
     @staticmethod
     def _write(path: Path, campaign: Campaign) -> None:

@@ -30,6 +30,7 @@ from typing import Any
 
 from campaigns.campaign import CampaignStore
 from campaigns.errors import ExportError
+from config.files import fsync_path
 
 logger = logging.getLogger(__name__)
 
@@ -184,8 +185,4 @@ def _write_merged(base: str, adapter_dir: Path, target: Path) -> None:
 def _fsync_tree(directory: Path) -> None:
     for path in [*directory.iterdir(), directory]:
         with contextlib.suppress(OSError):
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            fsync_path(path)

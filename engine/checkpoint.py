@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from config.files import fsync_path as _fsync
 from engine.adapters import is_adapted, save_adapter
 from engine.checkpoint_layout import (  # noqa: F401 - re-exported: the files on disk, finding and pruning
     MARKER_FILE,
@@ -57,7 +58,6 @@ from engine.checkpoint_layout import (  # noqa: F401 - re-exported: the files on
     remove_stale_temp_dirs,
     strip_to_weights,
 )
-from engine.checkpoint_layout import fsync_path as _fsync
 from engine.checkpoint_layout import write_json as _write_json
 from engine.errors import CheckpointError
 

@@ -23,6 +23,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from config.files import fsync_path
 from engine.errors import CheckpointError
 
 logger = logging.getLogger(__name__)
@@ -216,10 +217,3 @@ def write_json(path: Path, data: Any) -> None:
     path.write_text(json.dumps(data, indent=1, sort_keys=True))
 
 
-def fsync_path(path: Path) -> None:
-    """Flush a file's or a directory's (its entries') writes to disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -14,6 +14,7 @@ import tempfile
 from pathlib import Path
 
 from config.errors import GuildError
+from config.files import fsync_path
 
 COPY_CHUNK_BYTES = 1 << 20
 
@@ -61,18 +62,9 @@ def store_dataset(guild_home: Path, sha256: str, data: bytes | str | os.PathLike
             raise DatasetChanged(f"{os.fspath(data) if not isinstance(data, bytes) else 'the data'}: its content "
                                  "changed while it was being enqueued; enqueue it again once nothing writes to it")
         os.replace(tmp, target)
-        _fsync_dir(target.parent)
+        fsync_path(target.parent)  # the rename is durable
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
     return target
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make a rename in ``path`` durable."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -26,7 +26,6 @@ Whether the next checkpoints fit, and when to warn about free space, is :mod:`ca
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import logging
 import os
 from collections.abc import Iterator, Mapping
@@ -38,6 +37,7 @@ from typing import Any, Protocol
 from campaigns.campaign import Campaign, CampaignStore
 from campaigns.disk import file_system_usage, format_bytes
 from campaigns.errors import RetentionPolicyError
+from config.files import exclusive_lock
 from engine import checkpoint_layout as layout
 from engine.errors import CheckpointError
 from jobs.job import Job, JobStatus
@@ -403,10 +403,5 @@ def _real(path: str | Path | None) -> str | None:
 def _exclusive(campaign_dir: Path) -> Iterator[None]:
     """One prune of a campaign at a time (its own lock file: a long delete never blocks campaign.json edits)."""
     campaign_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(campaign_dir / _LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+    with exclusive_lock(campaign_dir / _LOCK_FILE):
         yield
-    finally:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
